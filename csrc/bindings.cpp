@@ -1,0 +1,139 @@
+// The one torch-facing translation unit of dualvar's extension: input checks, allocation,
+// the CPU parallel loop and the CUDA stream. Kernels live in csrc/cpu/*.cpp and csrc/cuda/*.cu
+// and see only raw pointers. Ops are registered with torch's dispatcher (namespace `dualvar`)
+// under CPU and CUDA keys; autograd wrappers live in Python (dualvar/kernels/*.py).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/cpu_kernels.h"
+#ifdef DUALVAR_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/cuda_kernels.h"
+#endif
+
+namespace dualvar {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// permute_frames(video uint8 (B,T,H,W,C), frame_index int64 (B,T'), lut (C,256), hflip bool (B,)?)
+//   -> (B, C, T', H, W) in lut's dtype
+// ---------------------------------------------------------------------------------------------
+struct PermuteShape {
+  int64_t B, T, T_out, H, W, C;
+};
+
+PermuteShape check_permute(const at::Tensor& video, const at::Tensor& frame_index,
+                           const at::Tensor& lut, const c10::optional<at::Tensor>& hflip) {
+  TORCH_CHECK(video.dim() == 5, "permute_frames: video must be 5-D (B, T, H, W, C), got ", video.dim(), "-D");
+  TORCH_CHECK(video.scalar_type() == at::kByte, "permute_frames: video must be uint8, got ", video.scalar_type());
+  TORCH_CHECK(frame_index.dim() == 2, "permute_frames: frame_index must be 2-D (B, T'), got ", frame_index.dim(), "-D");
+  TORCH_CHECK(frame_index.scalar_type() == at::kLong, "permute_frames: frame_index must be int64, got ", frame_index.scalar_type());
+  TORCH_CHECK(frame_index.size(0) == video.size(0), "permute_frames: frame_index has ", frame_index.size(0),
+              " rows but video has batch ", video.size(0));
+  const int64_t C = video.size(4);
+  TORCH_CHECK(C == 1 || C == 3, "permute_frames: video must have 1 or 3 channels (last dim), got ", C);
+  TORCH_CHECK(lut.dim() == 2 && lut.size(0) == C && lut.size(1) == 256,
+              "permute_frames: lut must be (C, 256) = (", C, ", 256), got ", lut.sizes());
+  TORCH_CHECK(lut.scalar_type() == at::kFloat || lut.scalar_type() == at::kHalf || lut.scalar_type() == at::kBFloat16,
+              "permute_frames: output dtype must be float32, float16 or bfloat16, got ", lut.scalar_type());
+  TORCH_CHECK(frame_index.device() == video.device() && lut.device() == video.device(),
+              "permute_frames: video, frame_index and lut must be on one device, got ", video.device(), ", ",
+              frame_index.device(), ", ", lut.device());
+  if (hflip.has_value()) {
+    TORCH_CHECK(hflip->dim() == 1 && hflip->size(0) == video.size(0), "permute_frames: hflip must be (B,) = (",
+                video.size(0), "), got ", hflip->sizes());
+    TORCH_CHECK(hflip->scalar_type() == at::kBool, "permute_frames: hflip must be bool, got ", hflip->scalar_type());
+    TORCH_CHECK(hflip->device() == video.device(), "permute_frames: hflip must be on ", video.device());
+  }
+  return {video.size(0), video.size(1), frame_index.size(1), video.size(2), video.size(3), C};
+}
+
+at::Tensor permute_frames_cpu(const at::Tensor& video_in, const at::Tensor& index_in, const at::Tensor& lut_in,
+                              const c10::optional<at::Tensor>& hflip_in) {
+  const auto s = check_permute(video_in, index_in, lut_in, hflip_in);
+  auto video = video_in.contiguous();
+  auto index = index_in.contiguous();
+  auto lut = lut_in.contiguous();
+  at::Tensor hflip;
+  if (hflip_in.has_value()) hflip = hflip_in->contiguous().view(at::kByte);
+  {
+    // Cheap on the CPU (B*T' values) and it keeps the kernel from reading out of bounds.
+    auto idx = index.data_ptr<int64_t>();
+    for (int64_t i = 0; i < index.numel(); ++i)
+      TORCH_CHECK(idx[i] >= 0 && idx[i] < s.T, "permute_frames: frame_index holds ", idx[i],
+                  ", outside [0, ", s.T, ")");
+  }
+  auto out = at::empty({s.B, s.C, s.T_out, s.H, s.W}, video.options().dtype(lut.scalar_type()));
+  const int64_t rows = s.B * s.T_out * s.H;
+  const uint8_t* flip_ptr = hflip.defined() ? hflip.data_ptr<uint8_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.W * s.C));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    cpu::permute_frames_rows(video.data_ptr<uint8_t>(), index.data_ptr<int64_t>(), flip_ptr, lut.data_ptr(),
+                             out.data_ptr(), s.B, s.T, s.T_out, s.H, s.W, s.C, (int)lut.element_size(), begin, end);
+  });
+  return out;
+}
+
+#ifdef DUALVAR_WITH_CUDA
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, what, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+at::Tensor permute_frames_cuda(const at::Tensor& video_in, const at::Tensor& index_in, const at::Tensor& lut_in,
+                               const c10::optional<at::Tensor>& hflip_in) {
+  const auto s = check_permute(video_in, index_in, lut_in, hflip_in);
+  c10::cuda::CUDAGuard guard(video_in.device());
+  auto video = video_in.contiguous();
+  auto index = index_in.contiguous();
+  auto lut = lut_in.contiguous();
+  at::Tensor hflip;
+  if (hflip_in.has_value()) hflip = hflip_in->contiguous().view(at::kByte);
+  auto out = at::empty({s.B, s.C, s.T_out, s.H, s.W}, video.options().dtype(lut.scalar_type()));
+  const uint8_t* flip_ptr = hflip.defined() ? hflip.data_ptr<uint8_t>() : nullptr;
+  check_launch(cuda::permute_frames(video.data_ptr<uint8_t>(), index.data_ptr<int64_t>(), flip_ptr, lut.data_ptr(),
+                                    out.data_ptr(), s.B, s.T, s.T_out, s.H, s.W, s.C, (int)lut.element_size(),
+                                    c10::cuda::getCurrentCUDAStream().stream()),
+               "permute_frames");
+  return out;
+}
+#endif
+
+}  // namespace
+}  // namespace dualvar
+
+TORCH_LIBRARY(dualvar, m) {
+  m.def("permute_frames(Tensor video, Tensor frame_index, Tensor lut, Tensor? hflip) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dualvar, CPU, m) { m.impl("permute_frames", &dualvar::permute_frames_cpu); }
+
+#ifdef DUALVAR_WITH_CUDA
+TORCH_LIBRARY_IMPL(dualvar, CUDA, m) { m.impl("permute_frames", &dualvar::permute_frames_cuda); }
+#endif
+
+namespace {
+pybind11::dict build_info() {
+  pybind11::dict d;
+#ifdef DUALVAR_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["parallel"] = at::get_parallel_info();
+  d["compiler"] = __VERSION__;
+  return d;
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dualvar compiled kernels (ops are registered under torch.ops.dualvar)";
+  m.def("build_info", &build_info, "What this extension was built with.");
+}

@@ -1,0 +1,1 @@
+"""dualvar.engine: data, models, objectives, training and evaluation for DualVar pretraining."""

@@ -1,0 +1,104 @@
+"""Backend dispatch: one small function that picks which implementation of an op runs.
+
+Backends, in order of preference:
+  on CUDA tensors: triton, cuda, torch
+  on CPU tensors:  cpu, torch          (triton too when TRITON_INTERPRET=1 and asked for explicitly)
+
+`backend="auto"` (the default, or the value of DUALVAR_BACKEND) takes the first that can run and
+warns once per process and op when it had to fall back. An explicit backend that cannot run
+raises `BackendUnavailable` listing why. The backend that actually ran is recorded per op
+(`last_backend(op)`), so tests and benchmarks can assert that a kernel, not a fallback, ran.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from ._ext import load_ext, load_triton, triton_interpret
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+_LAST: dict[str, str] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+def backend_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run on `device` in this process (None when it can)."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend needs CPU tensors, got {device.type}"
+        return load_ext()[1]
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type}"
+        mod, reason = load_ext()
+        if mod is None:
+            return reason
+        if not mod.build_info()["cuda"]:
+            return "the extension was built without CUDA kernels (see `dualvar info`)"
+        return None
+    if backend == "triton":
+        _, reason = load_triton()
+        if reason:
+            return reason
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+            return None
+        return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {device.type}"
+    return f"unknown backend {backend!r}; choose from {('auto',) + BACKENDS}"
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    return ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+
+
+def select(op: str, impls: Mapping[str, Callable], device: torch.device, backend: str = "auto",
+           op_reason: Optional[Callable[[str], Optional[str]]] = None) -> str:
+    """Choose the backend for one call of `op` on `device`.
+
+    impls: the backends this op implements. op_reason(backend) may veto a backend for this call's
+    arguments (a dtype or size a kernel does not support) and says why.
+    """
+    if backend == "auto":
+        backend = os.environ.get("DUALVAR_BACKEND", "auto") or "auto"
+
+    def reason(b: str) -> Optional[str]:
+        if b not in impls:
+            return f"{op} has no {b} implementation" if b in BACKENDS else backend_reason(b, device)
+        return backend_reason(b, device) or (op_reason(b) if op_reason else None)
+
+    if backend != "auto":
+        why = reason(backend)
+        if why:
+            raise BackendUnavailable(f"{op}: backend {backend!r} cannot run: {why}")
+        chosen = backend
+    else:
+        order = _auto_order(device)
+        reasons = {b: reason(b) for b in order}
+        chosen = next(b for b in order if reasons[b] is None)  # torch never refuses
+        skipped = {b: r for b, r in reasons.items() if r is not None and order.index(b) < order.index(chosen)}
+        if skipped and (op, device.type) not in _WARNED:
+            _WARNED.add((op, device.type))
+            detail = "; ".join(f"{b}: {r}" for b, r in skipped.items())
+            warnings.warn(f"dualvar: {op} on {device.type} falls back to the {chosen} backend ({detail})",
+                          RuntimeWarning, stacklevel=3)
+    _LAST[op] = chosen
+    return chosen
+
+
+def last_backend(op: str) -> Optional[str]:
+    """The backend that ran the most recent call of `op` in this process."""
+    return _LAST.get(op)
+
+
+def available_backends(device: torch.device | str) -> dict[str, Optional[str]]:
+    """backend -> None if it can run on `device`, else the reason it cannot."""
+    device = torch.device(device)
+    return {b: backend_reason(b, device) for b in BACKENDS}

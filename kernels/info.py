@@ -1,0 +1,49 @@
+"""`python -m dualvar.kernels.info`: what is built, what can run here, and why not."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from ._dispatch import available_backends
+from ._ext import build_info, load_triton
+
+
+def report() -> str:
+    lines = [
+        f"python        {platform.python_version()} ({platform.machine()})",
+        f"torch         {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+    ]
+    triton, why = load_triton()
+    lines.append(f"triton        {triton.__version__ if triton else 'unavailable: ' + why}"
+                 f"{'  [TRITON_INTERPRET=1]' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
+    if torch.cuda.is_available():
+        lines.append(f"device        cuda: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        lines.append(f"device        cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); no CUDA device")
+    info = build_info()
+    if info["built"]:
+        lines.append(f"extension     built; CUDA kernels: {'yes' if info['cuda'] else 'no'}; OpenMP: {info['openmp']}; "
+                     f"compiler {info['compiler']}")
+        try:
+            from ._build_config import BUILD
+            lines.append(f"build         {BUILD['summary']} (torch {BUILD['torch_at_build']} at build time)")
+            lines.append(f"arch list     {BUILD['cuda_arch_list'] or 'none (no CUDA kernels)'}")
+        except ImportError:
+            lines.append("build         no record (kernels/_build_config.py missing)")
+    else:
+        lines.append(f"extension     not built: {info['reason']}")
+    lines.append(f"DUALVAR_BACKEND={os.environ.get('DUALVAR_BACKEND', '(unset: auto)')}")
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for backend, reason in available_backends(dev).items():
+            lines.append(f"  {dev:5s} {backend:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
