@@ -1,11 +1,14 @@
-// The one torch-facing translation unit of dualvar's extension: input checks, allocation,
-// the CPU parallel loop and the CUDA stream. Kernels live in csrc/cpu/*.cpp and csrc/cuda/*.cu
+// Torch-facing code of dualvar's extension (the Python module, the op library, permute_frames):
+// input checks, allocation, the CPU parallel loop and the CUDA stream. Each op family has one such
+// binding file (csrc/*.cpp, registering with TORCH_LIBRARY_FRAGMENT); every file that includes
+// torch headers costs about a minute of build time on 2 cores, so keep them few. Kernels live in csrc/cpu/*.cpp and csrc/cuda/*.cu
 // and see only raw pointers. Ops are registered with torch's dispatcher (namespace `dualvar`)
 // under CPU and CUDA keys; autograd wrappers live in Python (dualvar/kernels/*.py).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "binding_utils.h"
 #include "cpu/cpu_kernels.h"
 #ifdef DUALVAR_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -78,10 +81,6 @@ at::Tensor permute_frames_cpu(const at::Tensor& video_in, const at::Tensor& inde
 }
 
 #ifdef DUALVAR_WITH_CUDA
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, what, ": CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
-
 at::Tensor permute_frames_cuda(const at::Tensor& video_in, const at::Tensor& index_in, const at::Tensor& lut_in,
                                const c10::optional<at::Tensor>& hflip_in) {
   const auto s = check_permute(video_in, index_in, lut_in, hflip_in);
