@@ -41,6 +41,9 @@ def _ext_modules():
     if _flag("DUALVAR_SKIP_EXT"):
         print("dualvar: DUALVAR_SKIP_EXT=1, building no extension (torch fallback only)")
         return [], {}
+    if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        # torch guesses CUDA_HOME from `which nvcc`, which can be a symlink outside the toolkit.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils import cpp_extension
 

@@ -49,6 +49,10 @@ def compile_for(fn, signature: dict, constexprs: dict, arch: int, num_warps: int
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(fn, JITFunction):  # under TRITON_INTERPRET=1 kernels are InterpretedFunctions
+        fn = JITFunction(fn.fn)
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"

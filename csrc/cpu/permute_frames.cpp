@@ -3,9 +3,36 @@
 // float ops as the reference, so the result is bit-identical to it in every output dtype.
 #include "cpu_kernels.h"
 
+#include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace dualvar {
 namespace cpu {
 namespace {
+
+// Writes n table lookups to dst. The output is written once and not read again by this op, so on
+// x86 full 16-byte chunks bypass the cache (non-temporal stores: no read-for-ownership of the
+// destination lines), which is most of the traffic for a float32 output.
+template <typename T, bool FLIP>
+inline void lookup_row(const uint8_t* src, int64_t C, int64_t W, const T* table, T* dst) {
+  auto at = [&](int64_t w) { return table[src[(FLIP ? (W - 1 - w) : w) * C]]; };
+  int64_t w = 0;
+#if defined(__SSE2__)
+  constexpr int64_t kLanes = 16 / sizeof(T);
+  while (w < W && (reinterpret_cast<uintptr_t>(dst + w) & 15) != 0) {
+    dst[w] = at(w);
+    ++w;
+  }
+  alignas(16) T buf[kLanes];
+  for (; w + kLanes <= W; w += kLanes) {
+    for (int64_t i = 0; i < kLanes; ++i) buf[i] = at(w + i);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + w), _mm_load_si128(reinterpret_cast<const __m128i*>(buf)));
+  }
+#endif
+  for (; w < W; ++w) dst[w] = at(w);
+}
 
 template <typename T, int C_STATIC>
 void rows_impl(const uint8_t* video, const int64_t* frame_index, const uint8_t* hflip,
@@ -23,13 +50,15 @@ void rows_impl(const uint8_t* video, const int64_t* frame_index, const uint8_t* 
     for (int64_t c = 0; c < C; ++c) {
       T* dst = out + (((b * C + c) * T_out + t) * H + h) * W;
       const T* table = lut + c * 256;
-      if (flip) {
-        for (int64_t w = 0; w < W; ++w) dst[w] = table[src[(W - 1 - w) * C + c]];
-      } else {
-        for (int64_t w = 0; w < W; ++w) dst[w] = table[src[w * C + c]];
-      }
+      if (flip)
+        lookup_row<T, true>(src + c, C, W, table, dst);
+      else
+        lookup_row<T, false>(src + c, C, W, table, dst);
     }
   }
+#if defined(__SSE2__)
+  _mm_sfence();  // make the non-temporal stores visible before the caller reads the output
+#endif
 }
 
 template <typename T>
