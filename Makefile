@@ -39,7 +39,7 @@ demo: build
 	else echo 'make demo: the demo arrives with the demo issue; not built yet'; exit 1; fi
 
 bench: build
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-columns=median,iqr,min,rounds $(PYTEST_ARGS)
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m pytest bench -q --benchmark-only --benchmark-columns=median,iqr,min,rounds $(PYTEST_ARGS)
 
 # On a lent GPU machine (no network, its own python3 with torch): build in place, run the
 # GPU tests and the GPU benchmarks, write everything under $$OUT.
