@@ -161,8 +161,9 @@ def _fwd_compiled(anchor, anchor2, shuffled, perm, theta, cap, weights):
 def _bwd_compiled(anchor, anchor2, shuffled, perm, grad, theta, cap, weights):
     B, s, _ = anchor.shape
     coef, _ = _scales(B, s, theta, weights)
-    return torch.ops.dualvar.shuffle_rank_bwd(anchor, anchor2, shuffled, perm, grad, 1.0 / theta, cap,
-                                              coef[0] / theta, coef[1] / theta)
+    da, da2, dy = torch.ops.dualvar.shuffle_rank_bwd(anchor, anchor2, shuffled, perm, grad, 1.0 / theta, cap,
+                                                     coef[0] / theta, coef[1] / theta)
+    return da, (da2 if anchor2 is not None else None), dy
 
 
 # --------------------------------------------------------------------------------- Triton
