@@ -17,7 +17,7 @@ gather -> public losses. Compiled (cpu, cuda) and Triton primitives plug into `_
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +112,30 @@ def _lse_torch_backward(q, k, tau, offset, lse, grad, need_q, need_k):
     return dq, dk
 
 
-_LSE_IMPLS: dict[str, tuple[Callable, Callable]] = {"torch": (_lse_torch_forward, _lse_torch_backward)}
+def _lse_compiled_forward(q, k, tau, offset):
+    return torch.ops.dualvar.lse_fwd(q, k, tau, offset)
+
+
+def _lse_compiled_backward(q, k, tau, offset, lse, grad, need_q, need_k):
+    dq, dk = torch.ops.dualvar.lse_bwd(q, k, lse, grad, tau, offset, need_q, need_k)
+    return (dq if need_q else None), (dk if need_k else None)
+
+
+def _lse_compiled_backward_sym(z, tau, lse, grad):
+    return torch.ops.dualvar.lse_bwd_sym(z, lse, grad, tau)
+
+
+class _LseImpl(NamedTuple):
+    forward: Callable        # (q, k, tau, offset) -> lse
+    backward: Callable       # (q, k, tau, offset, lse, grad, need_q, need_k) -> (dq | None, dk | None)
+    backward_sym: Optional[Callable] = None  # (z, tau, lse, grad) -> dz, for q = k = z with self excluded
+
+
+_LSE_IMPLS: dict[str, _LseImpl] = {
+    "torch": _LseImpl(_lse_torch_forward, _lse_torch_backward),
+    "cpu": _LseImpl(_lse_compiled_forward, _lse_compiled_backward, _lse_compiled_backward_sym),
+
+}
 
 
 class _MaskedLSE(torch.autograd.Function):
@@ -120,8 +143,7 @@ class _MaskedLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, tau, offset, backend):
-        fwd, _ = _LSE_IMPLS[backend]
-        lse = fwd(q, k, tau, offset)
+        lse = _LSE_IMPLS[backend].forward(q, k, tau, offset)
         ctx.save_for_backward(q, k, lse)
         ctx.tau, ctx.offset, ctx.backend, ctx.same = tau, offset, backend, q is k
         return lse
@@ -129,9 +151,13 @@ class _MaskedLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, lse = ctx.saved_tensors
-        _, bwd = _LSE_IMPLS[ctx.backend]
+        impl = _LSE_IMPLS[ctx.backend]
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dq, dk = bwd(q, k, ctx.tau, ctx.offset, lse, grad.to(lse.dtype).contiguous(), need_q, need_k)
+        grad = grad.to(lse.dtype).contiguous()
+        if ctx.same and ctx.offset == 0 and need_q and need_k and impl.backward_sym is not None:
+            # q and k are one tensor: one pass over the upper-triangle tiles gives the whole gradient.
+            return impl.backward_sym(q, ctx.tau, lse, grad).to(q.dtype), None, None, None, None
+        dq, dk = impl.backward(q, k, ctx.tau, ctx.offset, lse, grad, need_q, need_k)
         dq = dq.to(q.dtype) if dq is not None else None
         dk = dk.to(k.dtype) if dk is not None else None
         return dq, dk, None, None, None

@@ -1,0 +1,256 @@
+// Torch-facing code of the fused contrastive primitive (masked row log-sum-exp of q k^T / tau and
+// its backward), CPU and CUDA. The CPU path tiles the similarity matrix: each tile product is a BLAS
+// call (at::mm_out into a per-thread buffer), the exponentials and sums are fused over the tile by
+// csrc/cpu/contrastive.cpp, and no rows x columns tensor ever exists. Parallel over row blocks (or
+// tile pairs) with OpenMP; BLAS inside a parallel region runs single-threaded.
+//
+//   lse_fwd(q (R,D), k (C,D), temperature, exclude_offset?) -> lse (R,)
+//   lse_bwd(q, k, lse, grad (R,), temperature, exclude_offset?, need_q, need_k) -> (dq, dk)
+//   lse_bwd_sym(z (M,D), lse (M,), grad (M,), temperature) -> dz     (q = k = z, self excluded)
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "binding_utils.h"
+#include "cpu/contrastive.h"
+
+namespace dualvar {
+namespace {
+
+constexpr int64_t kRowBlock = 256;   // rows per CPU tile
+constexpr int64_t kColBlock = 1024;  // columns per CPU tile
+constexpr int64_t kSymBlock = 512;   // square tiles of the symmetric backward
+
+void check_pair(const at::Tensor& q, const at::Tensor& k, const char* op) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2, op, ": features must be 2-D (rows, dim), got ", q.sizes(), " and ",
+              k.sizes());
+  TORCH_CHECK(q.size(1) == k.size(1), op, ": rows and columns must have the same dim, got ", q.size(1), " and ",
+              k.size(1));
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), op, ": rows and columns must have one dtype, got ",
+              q.scalar_type(), " and ", k.scalar_type());
+  TORCH_CHECK(q.device() == k.device(), op, ": rows and columns must be on one device");
+  TORCH_CHECK(q.is_floating_point(), op, ": features must be floating point, got ", q.scalar_type());
+}
+
+void check_rowvec(const at::Tensor& v, int64_t n, const at::Tensor& like, const char* name, const char* op) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == n, op, ": ", name, " must be (", n, ",), got ", v.sizes());
+  TORCH_CHECK(v.device() == like.device(), op, ": ", name, " must be on ", like.device());
+}
+
+int num_threads() {
+#ifdef _OPENMP
+  return std::max(1, at::get_num_threads());
+#else
+  return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Float and double compute in their own type; half types are widened to float (O(rows x dim) copy).
+// Detached: the ATen calls below run on OpenMP worker threads, whose grad mode is their own.
+at::Tensor compute_view(const at::Tensor& x) {
+  auto t = x.detach();
+  return (t.scalar_type() == at::kDouble ? t : t.to(at::kFloat)).contiguous();
+}
+
+// An exception must not leave an OpenMP region: keep the first one and rethrow after the region.
+struct FirstError {
+  std::exception_ptr error;
+  template <typename F>
+  void run(F&& f) {
+    try {
+      f();
+    } catch (...) {
+#pragma omp critical(dualvar_first_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  void rethrow() {
+    if (error) std::rethrow_exception(error);
+  }
+};
+
+template <typename T>
+at::Tensor lse_fwd_cpu_impl(const at::Tensor& q, const at::Tensor& k, double temperature,
+                            c10::optional<int64_t> offset) {
+  const int64_t R = q.size(0), C = k.size(0);
+  auto lse = at::empty({R}, q.options());
+  T* lse_p = lse.data_ptr<T>();
+  const T scale = T(1.0 / temperature);
+  const int64_t bc = std::min(C, kColBlock);
+  const int64_t n_blocks = (R + kRowBlock - 1) / kRowBlock;
+  FirstError errors;
+#pragma omp parallel num_threads(num_threads())
+  {
+    auto tile_buf = at::empty({kRowBlock * bc}, q.options());
+    std::vector<T> m(kRowBlock), l(kRowBlock);
+#pragma omp for schedule(dynamic)
+    for (int64_t ib = 0; ib < n_blocks; ++ib) errors.run([&] {
+      const int64_t r0 = ib * kRowBlock, nr = std::min(kRowBlock, R - r0);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
+      std::fill(l.begin(), l.end(), T(0));
+      auto q_blk = q.narrow(0, r0, nr);
+      for (int64_t c0 = 0; c0 < C; c0 += bc) {
+        const int64_t nc = std::min(bc, C - c0);
+        auto tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
+        at::mm_out(tile, q_blk, k.narrow(0, c0, nc).t());
+        cpu::lse_tile_update<T>(tile.data_ptr<T>(), nc, nr, nc, scale, offset.has_value(),
+                                offset.has_value() ? r0 + *offset - c0 : 0, m.data(), l.data());
+      }
+      for (int64_t r = 0; r < nr; ++r) lse_p[r0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : m[r];
+    });
+  }
+  errors.rethrow();
+  return lse;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> lse_bwd_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                                                    const at::Tensor& grad, double temperature,
+                                                    c10::optional<int64_t> offset, bool need_q, bool need_k) {
+  const int64_t R = q.size(0), C = k.size(0);
+  const T scale = T(1.0 / temperature);
+  const int nt = num_threads();
+  at::Tensor dq = need_q ? at::zeros_like(q) : at::Tensor();
+  std::vector<at::Tensor> dk_parts(need_k ? nt : 0);
+  for (int t = 0; t < (int)dk_parts.size(); ++t) dk_parts[t] = at::zeros_like(k);
+  const int64_t bc = std::min(C, kColBlock);
+  const int64_t n_blocks = (R + kRowBlock - 1) / kRowBlock;
+  FirstError errors;
+#pragma omp parallel num_threads(nt)
+  {
+    auto tile_buf = at::empty({kRowBlock * bc}, q.options());
+    const int tid = thread_id();
+#pragma omp for schedule(dynamic)
+    for (int64_t ib = 0; ib < n_blocks; ++ib) errors.run([&] {
+      const int64_t r0 = ib * kRowBlock, nr = std::min(kRowBlock, R - r0);
+      auto q_blk = q.narrow(0, r0, nr);
+      for (int64_t c0 = 0; c0 < C; c0 += bc) {
+        const int64_t nc = std::min(bc, C - c0);
+        auto tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
+        auto k_blk = k.narrow(0, c0, nc);
+        at::mm_out(tile, q_blk, k_blk.t());
+        cpu::grad_tile<T>(tile.data_ptr<T>(), nc, nr, nc, scale, offset.has_value(),
+                          offset.has_value() ? r0 + *offset - c0 : 0, lse.data_ptr<T>() + r0,
+                          grad.data_ptr<T>() + r0);
+        if (need_q) dq.narrow(0, r0, nr).addmm_(tile, k_blk);
+        if (need_k) dk_parts[tid].narrow(0, c0, nc).addmm_(tile.t(), q_blk);
+      }
+    });
+  }
+  errors.rethrow();
+  at::Tensor dk;
+  if (need_k) {
+    dk = dk_parts[0];
+    for (int t = 1; t < nt; ++t) dk.add_(dk_parts[t]);
+  }
+  return {dq, dk};
+}
+
+template <typename T>
+at::Tensor lse_bwd_sym_cpu_impl(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& grad,
+                                double temperature) {
+  // dz_a = sum_b (G_ab + G_ba) z_b over tile pairs I <= J of the symmetric similarity matrix:
+  // one tile product and one pair of updates serve both (I, J) and (J, I).
+  const int64_t M = z.size(0);
+  const T scale = T(1.0 / temperature);
+  const int nt = num_threads();
+  const int64_t bs = std::min(M, kSymBlock);
+  const int64_t nb = (M + bs - 1) / bs;
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t j = i; j < nb; ++j) pairs.emplace_back(i, j);
+  std::vector<at::Tensor> parts(nt);
+  for (int t = 0; t < nt; ++t) parts[t] = at::zeros_like(z);
+  const T* lse_p = lse.data_ptr<T>();
+  const T* g_p = grad.data_ptr<T>();
+  FirstError errors;
+#pragma omp parallel num_threads(nt)
+  {
+    auto tile_buf = at::empty({bs * bs}, z.options());
+    const int tid = thread_id();
+#pragma omp for schedule(dynamic)
+    for (int64_t p = 0; p < (int64_t)pairs.size(); ++p) errors.run([&] {
+      const int64_t i0 = pairs[p].first * bs, j0 = pairs[p].second * bs;
+      const int64_t ni = std::min(bs, M - i0), nj = std::min(bs, M - j0);
+      auto zi = z.narrow(0, i0, ni), zj = z.narrow(0, j0, nj);
+      auto tile = tile_buf.narrow(0, 0, ni * nj).view({ni, nj});
+      at::mm_out(tile, zi, zj.t());
+      cpu::grad_tile_symmetric<T>(tile.data_ptr<T>(), nj, ni, nj, scale, i0 == j0, lse_p + i0, g_p + i0,
+                                  lse_p + j0, g_p + j0);
+      parts[tid].narrow(0, i0, ni).addmm_(tile, zj);
+      if (i0 != j0) parts[tid].narrow(0, j0, nj).addmm_(tile.t(), zi);
+    });
+  }
+  errors.rethrow();
+  for (int t = 1; t < nt; ++t) parts[0].add_(parts[t]);
+  return parts[0];
+}
+
+at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, double temperature,
+                       c10::optional<int64_t> offset) {
+  check_pair(q_in, k_in, "lse_fwd");
+  TORCH_CHECK(temperature > 0, "lse_fwd: temperature must be positive, got ", temperature);
+  const bool same = q_in.is_same(k_in);
+  auto q = compute_view(q_in);
+  auto k = same ? q : compute_view(k_in);
+  if (q.scalar_type() == at::kDouble) return lse_fwd_cpu_impl<double>(q, k, temperature, offset);
+  return lse_fwd_cpu_impl<float>(q, k, temperature, offset);
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_bwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse,
+                                               const at::Tensor& grad, double temperature,
+                                               c10::optional<int64_t> offset, bool need_q, bool need_k) {
+  check_pair(q_in, k_in, "lse_bwd");
+  const bool same = q_in.is_same(k_in);
+  auto q = compute_view(q_in);
+  auto k = same ? q : compute_view(k_in);
+  check_rowvec(lse, q.size(0), q, "lse", "lse_bwd");
+  check_rowvec(grad, q.size(0), q, "grad", "lse_bwd");
+  auto l = lse.to(q.scalar_type()).contiguous();
+  auto g = grad.to(q.scalar_type()).contiguous();
+  if (q.scalar_type() == at::kDouble)
+    return lse_bwd_cpu_impl<double>(q, k, l, g, temperature, offset, need_q, need_k);
+  return lse_bwd_cpu_impl<float>(q, k, l, g, temperature, offset, need_q, need_k);
+}
+
+at::Tensor lse_bwd_sym_cpu(const at::Tensor& z_in, const at::Tensor& lse, const at::Tensor& grad, double temperature) {
+  check_pair(z_in, z_in, "lse_bwd_sym");
+  auto z = compute_view(z_in);
+  check_rowvec(lse, z.size(0), z, "lse", "lse_bwd_sym");
+  check_rowvec(grad, z.size(0), z, "grad", "lse_bwd_sym");
+  auto l = lse.to(z.scalar_type()).contiguous();
+  auto g = grad.to(z.scalar_type()).contiguous();
+  if (z.scalar_type() == at::kDouble) return lse_bwd_sym_cpu_impl<double>(z, l, g, temperature);
+  return lse_bwd_sym_cpu_impl<float>(z, l, g, temperature);
+}
+
+}  // namespace
+}  // namespace dualvar
+
+TORCH_LIBRARY_FRAGMENT(dualvar, m) {
+  m.def("lse_fwd(Tensor q, Tensor k, float temperature, int? exclude_offset) -> Tensor");
+  m.def("lse_bwd(Tensor q, Tensor k, Tensor lse, Tensor grad, float temperature, int? exclude_offset, "
+        "bool need_q, bool need_k) -> (Tensor, Tensor)");
+  m.def("lse_bwd_sym(Tensor z, Tensor lse, Tensor grad, float temperature) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dualvar, CPU, m) {
+  m.impl("lse_fwd", &dualvar::lse_fwd_cpu);
+  m.impl("lse_bwd", &dualvar::lse_bwd_cpu);
+  m.impl("lse_bwd_sym", &dualvar::lse_bwd_sym_cpu);
+}
