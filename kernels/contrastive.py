@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import select
+from ._ext import load_triton
 
 
 # ----------------------------------------------------------------------------------- references
@@ -134,8 +135,11 @@ class _LseImpl(NamedTuple):
 _LSE_IMPLS: dict[str, _LseImpl] = {
     "torch": _LseImpl(_lse_torch_forward, _lse_torch_backward),
     "cpu": _LseImpl(_lse_compiled_forward, _lse_compiled_backward, _lse_compiled_backward_sym),
-
 }
+if load_triton()[0] is not None:
+    from . import contrastive_triton as _tri
+
+    _LSE_IMPLS["triton"] = _LseImpl(_tri.lse_forward, _tri.lse_backward, _tri.lse_backward_sym)
 
 
 class _MaskedLSE(torch.autograd.Function):
