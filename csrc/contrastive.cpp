@@ -20,6 +20,12 @@
 
 #include "binding_utils.h"
 #include "cpu/contrastive.h"
+#ifdef DUALVAR_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/contrastive.h"
+#endif
 
 namespace dualvar {
 namespace {
@@ -239,6 +245,76 @@ at::Tensor lse_bwd_sym_cpu(const at::Tensor& z_in, const at::Tensor& lse, const 
   return lse_bwd_sym_cpu_impl<float>(z, l, g, temperature);
 }
 
+#ifdef DUALVAR_WITH_CUDA
+int cuda_dtype(const at::Tensor& x, const char* op) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: TORCH_CHECK(false, op, ": the cuda backend takes float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  return -1;
+}
+
+at::Tensor rows_contiguous(const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); }
+
+at::Tensor lse_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, double temperature,
+                        c10::optional<int64_t> offset) {
+  check_pair(q_in, k_in, "lse_fwd");
+  TORCH_CHECK(temperature > 0, "lse_fwd: temperature must be positive, got ", temperature);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  auto q = rows_contiguous(q_in.detach()), k = rows_contiguous(k_in.detach());
+  auto lse = at::empty({q.size(0)}, q.options().dtype(at::kFloat));
+  check_launch(cuda::lse_forward(q.data_ptr(), k.data_ptr(), lse.data_ptr<float>(), q.size(0), k.size(0), q.size(1),
+                                 q.stride(0), k.stride(0), cuda_dtype(q, "lse_fwd"), float(1.0 / temperature),
+                                 offset.has_value(), offset.value_or(0), c10::cuda::getCurrentCUDAStream().stream()),
+               "lse_fwd");
+  return lse;
+}
+
+at::Tensor lse_bwd_cuda_one(const at::Tensor& x, const at::Tensor& y, const at::Tensor* lse_r, const at::Tensor* g_r,
+                            const at::Tensor* lse_c, const at::Tensor* g_c, double temperature,
+                            c10::optional<int64_t> offset) {
+  auto out = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat));
+  auto ptr = [](const at::Tensor* t) { return t ? t->data_ptr<float>() : nullptr; };
+  check_launch(cuda::lse_backward(x.data_ptr(), y.data_ptr(), ptr(lse_r), ptr(g_r), ptr(lse_c), ptr(g_c),
+                                  out.data_ptr<float>(), x.size(0), y.size(0), x.size(1), x.stride(0), y.stride(0),
+                                  cuda_dtype(x, "lse_bwd"), float(1.0 / temperature), offset.has_value(),
+                                  offset.value_or(0), c10::cuda::getCurrentCUDAStream().stream()),
+               "lse_bwd");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> lse_bwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse_in,
+                                                const at::Tensor& grad_in, double temperature,
+                                                c10::optional<int64_t> offset, bool need_q, bool need_k) {
+  check_pair(q_in, k_in, "lse_bwd");
+  c10::cuda::CUDAGuard guard(q_in.device());
+  auto q = rows_contiguous(q_in.detach()), k = rows_contiguous(k_in.detach());
+  check_rowvec(lse_in, q.size(0), q, "lse", "lse_bwd");
+  check_rowvec(grad_in, q.size(0), q, "grad", "lse_bwd");
+  auto lse = lse_in.to(at::kFloat).contiguous(), grad = grad_in.to(at::kFloat).contiguous();
+  at::Tensor dq, dk;
+  if (need_q) dq = lse_bwd_cuda_one(q, k, &lse, &grad, nullptr, nullptr, temperature, offset);
+  // dk: rows are k, columns are q; row b of k is excluded from column b - offset of q.
+  if (need_k)
+    dk = lse_bwd_cuda_one(k, q, nullptr, nullptr, &lse, &grad, temperature,
+                          offset.has_value() ? c10::optional<int64_t>(-*offset) : c10::nullopt);
+  return {dq, dk};
+}
+
+at::Tensor lse_bwd_sym_cuda(const at::Tensor& z_in, const at::Tensor& lse_in, const at::Tensor& grad_in,
+                            double temperature) {
+  check_pair(z_in, z_in, "lse_bwd_sym");
+  c10::cuda::CUDAGuard guard(z_in.device());
+  auto z = rows_contiguous(z_in.detach());
+  check_rowvec(lse_in, z.size(0), z, "lse", "lse_bwd_sym");
+  check_rowvec(grad_in, z.size(0), z, "grad", "lse_bwd_sym");
+  auto lse = lse_in.to(at::kFloat).contiguous(), grad = grad_in.to(at::kFloat).contiguous();
+  return lse_bwd_cuda_one(z, z, &lse, &grad, &lse, &grad, temperature, c10::optional<int64_t>(0));
+}
+#endif
+
 }  // namespace
 }  // namespace dualvar
 
@@ -254,3 +330,11 @@ TORCH_LIBRARY_IMPL(dualvar, CPU, m) {
   m.impl("lse_bwd", &dualvar::lse_bwd_cpu);
   m.impl("lse_bwd_sym", &dualvar::lse_bwd_sym_cpu);
 }
+
+#ifdef DUALVAR_WITH_CUDA
+TORCH_LIBRARY_IMPL(dualvar, CUDA, m) {
+  m.impl("lse_fwd", &dualvar::lse_fwd_cuda);
+  m.impl("lse_bwd", &dualvar::lse_bwd_cuda);
+  m.impl("lse_bwd_sym", &dualvar::lse_bwd_sym_cuda);
+}
+#endif

@@ -135,6 +135,7 @@ class _LseImpl(NamedTuple):
 _LSE_IMPLS: dict[str, _LseImpl] = {
     "torch": _LseImpl(_lse_torch_forward, _lse_torch_backward),
     "cpu": _LseImpl(_lse_compiled_forward, _lse_compiled_backward, _lse_compiled_backward_sym),
+    "cuda": _LseImpl(_lse_compiled_forward, _lse_compiled_backward, _lse_compiled_backward_sym),
 }
 if load_triton()[0] is not None:
     from . import contrastive_triton as _tri
@@ -173,7 +174,17 @@ def masked_lse(q: torch.Tensor, k: torch.Tensor, temperature: float, exclude_off
 
     q: (R, D), k: (C, D), same dtype and device. Returns fp32 (R,). Differentiable in q and k.
     """
-    chosen = select("contrastive", _LSE_IMPLS, q.device, backend)
+    def veto(b: str) -> Optional[str]:
+        if b in ("triton", "cuda") and q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the {b} kernels take float32/float16/bfloat16, got {q.dtype}"
+        if b == "triton" and q.shape[1] > 1024:
+            return f"the triton kernels support embedding dims up to 1024, got {q.shape[1]}"
+        return None
+
+    if k.dtype != q.dtype or k.device != q.device or k.shape[1] != q.shape[1]:
+        raise ValueError(f"rows {tuple(q.shape)} {q.dtype} {q.device} and columns {tuple(k.shape)} {k.dtype} "
+                         f"{k.device} must share dim, dtype and device")
+    chosen = select("contrastive", _LSE_IMPLS, q.device, backend, veto)
     return _MaskedLSE.apply(q, k, float(temperature), exclude_offset, chosen)
 
 

@@ -32,7 +32,7 @@ SR_HD Acc sigmoid(Acc x) {
 
 // One sample, one anchor set. Inputs (row-major s x s): Gaa = A A^T, Sap[i*s+j] = a_i . p_j,
 // Spp = P P^T (p_j = y_j / nu_j, stored order), sigma = perm row (slot of y_j).
-// Adds the sum of the capped softplus terms to *loss and the number of rows whose counterpart
+// Forward (Haa == nullptr): adds the sum of the capped softplus terms to *loss and the number of rows whose counterpart
 // beats every negative (ties count as correct) to *correct. With Haa != nullptr also accumulates
 // dL/dS with g = gscale * sigmoid(x) [x <= cap]:  Haa += dL/dS_AA, Hap += dL/dS_AP, Hpp += dL/dS_PP.
 template <typename Acc>
@@ -55,7 +55,7 @@ SR_HD void rank_sample(int s, const Acc* Gaa, const Acc* Sap, const Acc* Spp, co
     for (int k = 0; k < s; ++k) {
       if (k == i) continue;
       const Acc x = (Gaa[i * s + k] - pos) * inv_theta;
-      l += capped_softplus(x, cap);
+      if (!grad) l += capped_softplus(x, cap);  // the backward needs only the gradients
       ok = ok && !(x > Acc(0));
       if (grad && x <= cap) {
         const Acc g = gscale * sigmoid(x);
@@ -66,7 +66,7 @@ SR_HD void rank_sample(int s, const Acc* Gaa, const Acc* Sap, const Acc* Spp, co
     for (int j = 0; j < s; ++j) {
       if (j == cp[i]) continue;
       const Acc x = (Sap[i * s + j] - pos) * inv_theta;
-      l += capped_softplus(x, cap);
+      if (!grad) l += capped_softplus(x, cap);  // the backward needs only the gradients
       ok = ok && !(x > Acc(0));
       if (grad && x <= cap) {
         const Acc g = gscale * sigmoid(x);
@@ -85,7 +85,7 @@ SR_HD void rank_sample(int s, const Acc* Gaa, const Acc* Sap, const Acc* Spp, co
     for (int k = 0; k < s; ++k) {
       if (k == j) continue;
       const Acc x = (Spp[j * s + k] - pos) * inv_theta;
-      l += capped_softplus(x, cap);
+      if (!grad) l += capped_softplus(x, cap);  // the backward needs only the gradients
       ok = ok && !(x > Acc(0));
       if (grad && x <= cap) {
         const Acc g = gscale * sigmoid(x);
@@ -96,7 +96,7 @@ SR_HD void rank_sample(int s, const Acc* Gaa, const Acc* Sap, const Acc* Spp, co
     for (int i = 0; i < s; ++i) {
       if (i == i0) continue;
       const Acc x = (Sap[i * s + j] - pos) * inv_theta;
-      l += capped_softplus(x, cap);
+      if (!grad) l += capped_softplus(x, cap);  // the backward needs only the gradients
       ok = ok && !(x > Acc(0));
       if (grad && x <= cap) {
         const Acc g = gscale * sigmoid(x);
