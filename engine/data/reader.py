@@ -78,6 +78,14 @@ def _check_indices(path: str, indices: Sequence[int], n: int) -> np.ndarray:
     return idx
 
 
+def _resize_uint8(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (n, h, w, 3) -> (n, height, width, 3), bicubic with antialiasing."""
+    import torch
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 class DecordReader:
     """decord.VideoReader with resize at decode; `get_frames` fetches only the requested frames."""
 
@@ -93,20 +101,34 @@ class DecordReader:
             kw = dict(width=int(width), height=int(height))
         elif (height is None) != (width is None):
             raise ValueError("give both height and width, or neither")
+        self._resize_after: Optional[tuple[int, int]] = None
         try:
-            self._vr = decord.VideoReader(path, num_threads=int(num_threads), **kw)
+            try:
+                self._vr, h, w = self._open(decord, path, num_threads, kw)
+            except decord.DECORDError as e:
+                # decord's resize at decode fails for some output widths ("The size must exactly
+                # match", e.g. 24 or 48 px): decode at native size and resize with torch instead.
+                if not kw or "must exactly match" not in str(e):
+                    raise
+                self._vr, _, _ = self._open(decord, path, num_threads, {})
+                self._resize_after = (int(height), int(width))
+                h, w = self._resize_after
             self.num_frames = len(self._vr)
             self.fps = float(self._vr.get_avg_fps())
-            if self.num_frames > 0:
-                h, w = self._vr[0].shape[:2]
-                self._vr.seek(0)
-            else:
-                h = w = 0
         except VideoReadError:
             raise
         except Exception as e:  # decord raises RuntimeError/DECORDError for anything it cannot open
             raise VideoReadError(path, "unreadable", f"decord: {str(e).splitlines()[0][:200]}") from e
         self.height, self.width = int(h), int(w)
+
+    @staticmethod
+    def _open(decord, path, num_threads, kw):
+        vr = decord.VideoReader(path, num_threads=int(num_threads), **kw)
+        if len(vr) == 0:
+            return vr, 0, 0
+        h, w = vr.get_batch([0]).shape[1:3]  # get_batch, not vr[0]: only get_batch hits the resize bug
+        vr.seek(0)
+        return vr, h, w
 
     def get_frames(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 (n, H, W, 3) frames at `indices` (any order, repeats allowed)."""
@@ -114,6 +136,8 @@ class DecordReader:
         uniq, inverse = np.unique(idx, return_inverse=True)
         try:
             frames = self._vr.get_batch(uniq.tolist()).asnumpy()
+            if self._resize_after is not None:
+                frames = _resize_uint8(frames, *self._resize_after)
         except Exception as e:
             raise VideoReadError(self.path, "unreadable", f"decord get_batch: {str(e).splitlines()[0][:200]}") from e
         if frames.shape[0] != uniq.size:
