@@ -8,9 +8,12 @@ every kernel configuration compiles for sm_90 and sm_80 within the chip's limits
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 # Shared memory per block (opt-in maximum) and registers per thread.
@@ -49,10 +52,6 @@ def compile_for(fn, signature: dict, constexprs: dict, arch: int, num_warps: int
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from triton.runtime.jit import JITFunction
-
-    if not isinstance(fn, JITFunction):  # under TRITON_INTERPRET=1 kernels are InterpretedFunctions
-        fn = JITFunction(fn.fn)
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"
@@ -75,3 +74,34 @@ def compile_for(fn, signature: dict, constexprs: dict, arch: int, num_warps: int
     return CompileReport(name=fn.__name__, arch=arch, shared_bytes=shared, registers=regs,
                          spill_stores=int(spills.group(1)) if spills else 0,
                          spill_loads=int(spills.group(2)) if spills else 0, num_warps=num_warps)
+
+
+def compile_many(specs: list[dict]) -> list[CompileReport]:
+    """Compile many kernel configurations in one fresh process with the interpreter off.
+
+    Each spec: {"module": "dualvar.kernels.permute", "kernel": "_permute_frames_kernel", "signature": {...},
+    "constexprs": {...}, "arch": 90, "num_warps": 4, "num_stages": 3}. Needed because under
+    TRITON_INTERPRET=1 (set for CPU test runs) triton's own helpers are interpreter objects and
+    cannot be compiled in that process.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "dualvar.kernels._aot"], input=json.dumps(specs), env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compilation failed:\n{out.stderr[-4000:]}")
+    return [CompileReport(**r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def _main() -> None:
+    specs = json.load(sys.stdin)
+    reports = []
+    for spec in specs:
+        fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+        rep = compile_for(fn, spec["signature"], spec["constexprs"], spec["arch"], spec.get("num_warps", 4),
+                          spec.get("num_stages", 3))
+        reports.append(dataclasses.asdict(rep))
+    print(json.dumps(reports))
+
+
+if __name__ == "__main__":
+    _main()

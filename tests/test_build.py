@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dualvar.kernels as K
-from dualvar.kernels import _aot, permute
+from dualvar.kernels import _aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
@@ -56,11 +56,21 @@ PERMUTE_SIG = {"video_ptr": "*u8", "index_ptr": "*i64", "flip_ptr": "*u8", "lut_
                "T_out": "i32", "H": "i32", "W": "i32", "s_vb": "i64", "s_vt": "i64", "s_vh": "i64", "s_vw": "i64"}
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("C,flip", [(3, True), (3, False), (1, True)])
-def test_permute_triton_compiles_for_gpu(arch, dtype, C, flip):
-    sig = dict(PERMUTE_SIG, lut_ptr=f"*{dtype}", out_ptr=f"*{dtype}")
-    rep = _aot.compile_for(permute._permute_frames_kernel, sig, {"C": C, "HAS_FLIP": flip, "BLOCK_W": 256}, arch)
+PERMUTE_CASES = [(arch, dtype, C, flip) for arch in (80, 90) for dtype in ("fp32", "bf16", "fp16")
+                 for C, flip in ((3, True), (3, False), (1, True))]
+
+
+@pytest.fixture(scope="module")
+def permute_reports():
+    specs = [{"module": "dualvar.kernels.permute", "kernel": "_permute_frames_kernel",
+              "signature": dict(PERMUTE_SIG, lut_ptr=f"*{dtype}", out_ptr=f"*{dtype}"),
+              "constexprs": {"C": C, "HAS_FLIP": flip, "BLOCK_W": 256}, "arch": arch}
+             for arch, dtype, C, flip in PERMUTE_CASES]
+    return dict(zip(PERMUTE_CASES, _aot.compile_many(specs)))
+
+
+@pytest.mark.parametrize("arch,dtype,C,flip", PERMUTE_CASES)
+def test_permute_triton_compiles_for_gpu(permute_reports, arch, dtype, C, flip):
+    rep = permute_reports[(arch, dtype, C, flip)]
     assert rep.within_limits(), rep
     assert rep.spill_stores == 0 and rep.spill_loads == 0, rep
