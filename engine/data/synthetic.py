@@ -49,6 +49,15 @@ def _motion_delta(name: str) -> tuple[float, float, float]:
 
 def render_video(class_name: str, frames: int, height: int, width: int, seed: int) -> np.ndarray:
     """uint8 (frames, height, width, 3) video of `class_name` with appearance drawn from `seed`."""
+    return _render(class_name, frames, height, width, seed)[0]
+
+
+def shape_path(class_name: str, frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """float (frames, 3): centre y, centre x and size of the shape in `render_video`'s video."""
+    return _render(class_name, frames, height, width, seed, draw=False)[1]
+
+
+def _render(class_name: str, frames: int, height: int, width: int, seed: int, draw: bool = True):
     rng = np.random.default_rng(seed)
     first, second = class_name.split("Then")
     side = min(height, width)
@@ -83,6 +92,9 @@ def render_video(class_name: str, frames: int, height: int, width: int, seed: in
     lo_x, hi_x = rmax - dx.min(), width - rmax - dx.max()
     y0 = rng.uniform(lo_y, max(lo_y, hi_y))
     x0 = rng.uniform(lo_x, max(lo_x, hi_x))
+    path = np.stack([y0 + dy, x0 + dx, radius], axis=1)
+    if not draw:
+        return None, path
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     ramp = (np.cos(angle) * yy / height + np.sin(angle) * xx / width)
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
@@ -100,7 +112,7 @@ def render_video(class_name: str, frames: int, height: int, width: int, seed: in
         img[mask] = colour
         img += rng.normal(0, noise, img.shape).astype(np.float32)
         out[f] = np.clip(img, 0, 255).astype(np.uint8)
-    return out
+    return out, path
 
 
 def write_video(path: str, video: np.ndarray, fps: int = 25) -> None:
