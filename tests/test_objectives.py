@@ -271,3 +271,48 @@ def test_objective_on_gpu(framework, gen):
     g_ref = torch.autograd.grad(sum(ref.values()), [ref_in[n] for n in names])
     for go, gr in zip(g_ours, g_ref):
         torch.testing.assert_close(go.double().cpu(), gr, rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------ distributed (2 CPU processes, gloo)
+def _dist_worker(rank, world, port, inputs, mode, out_dir):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        B = inputs["z0"].shape[0] // world
+        local = {k: v[rank * B:(rank + 1) * B].clone() for k, v in inputs.items()}
+        local = with_grad(local)
+        cfg = DualVarLossConfig(mode=mode, distributed=True, backend="cpu")
+        out = DualVarLoss(cfg)(**local)
+        out.total.backward()
+        torch.save({"parts": {k: v.detach() for k, v in out.parts().items()},
+                    "grads": {k: v.grad for k, v in local.items() if v.dtype.is_floating_point}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_reproduce_single_process_gradient(tmp_path, gen):
+    """METHOD.md 4(a): with DDP's averaging, W ranks give the single-process global-batch gradient,
+    i.e. (1/W) * (rank r's embedding gradient) = dL_global/d(rank r's embeddings); losses average."""
+    import socket
+    import torch.multiprocessing as mp
+    inputs = simclr_inputs(6, 2, 8, 16, gen)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    W = 2
+    mp.spawn(_dist_worker, args=(W, port, inputs, "clip-sr-tc", str(tmp_path)), nprocs=W, join=True)
+    ours_in = with_grad(inputs)
+    single = DualVarLoss(DualVarLossConfig(backend="cpu"))(**ours_in)
+    single.total.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(W)]
+    for name in ("total", "clip_nce", "tc_nce", "sr_rank_view0", "sr_rank_view2"):
+        mean = sum(r["parts"][name] for r in ranks) / W
+        torch.testing.assert_close(mean, getattr(single, name).detach(), rtol=1e-10, atol=1e-12, msg=name)
+    B = 3
+    for name in ("z0", "z1", "u0", "u1", "u2", "y_shuf"):
+        for r in range(W):
+            torch.testing.assert_close(ranks[r]["grads"][name] / W, ours_in[name].grad[r * B:(r + 1) * B],
+                                       rtol=1e-9, atol=1e-12, msg=f"{name} rank {r}")
