@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_gpu
+from conftest import cpu_backends, needs_gpu
 from dualvar.engine.objectives import DualVarLoss, DualVarLossConfig, MoCoDualVarLoss, Queue
 
 
@@ -175,10 +175,9 @@ def test_moco_default_cap_is_uncapped_reference():
     assert DualVarLossConfig(mode="only-seg").mode == "clip-sr"
 
 
-@pytest.mark.parametrize("backend", ["cpu"])
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "torch"])
 def test_objective_on_fused_backends_float32(backend, gen):
-    """The objective through the fused kernels (float32) matches the float64 reference. (The Triton
-    shuffle-rank kernel is checked in test_shuffle_rank.py; on a GPU see test_objective_on_gpu.)"""
+    """The objective through the fused kernels (float32) matches the float64 reference."""
     inputs = simclr_inputs(5, 2, 16, 8, gen)
     ours_in = {k: (v.float().requires_grad_(True) if v.dtype.is_floating_point else v) for k, v in inputs.items()}
     ref_in = with_grad(inputs)

@@ -408,3 +408,23 @@ def test_gpu_backends_equal_reference(backend, dtype, B, s, d, cap, gen):
     for x, rx in zip(xs, ref_in):
         gmax = float(rx.grad.abs().max())
         torch.testing.assert_close(x.grad.cpu().double(), rx.grad, rtol=tol * 4, atol=tol * max(gmax, 1e-3))
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_one_launch_per_direction(backend, gen):
+    """Forward and backward are one shuffle-rank kernel each (besides allocation and the output memset)."""
+    from torch.profiler import ProfilerActivity, profile
+    a, a2, y, perm = make(4096, 2, 64, gen)
+    xs = [t.float().cuda().requires_grad_(True) for t in (a, a2, y)]
+    perm = perm.cuda()
+    run_once = lambda: K.shuffle_rank_loss(xs[0], xs[2], perm, 0.05, weight=0.5, anchor2=xs[1], check_perm=False,
+                                           return_parts=True, backend=backend).terms.backward(torch.ones(2, device="cuda"))
+    run_once()  # compile / warm up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_once()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA" and "shuffle_rank" in e.name]
+    assert len([n for n in names if "fwd" in n]) == 1 and len([n for n in names if "bwd" in n]) == 1, names

@@ -84,7 +84,7 @@ __device__ void grams(const T* a, const T* a2, const T* y, int64_t b, int s, int
 }
 
 template <typename T>
-__global__ void fwd_kernel(const T* __restrict__ a, const T* __restrict__ a2, const T* __restrict__ y,
+__global__ void shuffle_rank_fwd_kernel(const T* __restrict__ a, const T* __restrict__ a2, const T* __restrict__ y,
                            const int64_t* __restrict__ perm, float* __restrict__ out, int64_t B, int s, int64_t d,
                            int64_t sa_b, int64_t sa_s, int64_t sb_b, int64_t sb_s, int64_t sy_b, int64_t sy_s,
                            float inv_theta, float cap, float coef0, float coef2, float acc_scale) {
@@ -122,7 +122,7 @@ __global__ void fwd_kernel(const T* __restrict__ a, const T* __restrict__ a2, co
 }
 
 template <typename T>
-__global__ void bwd_kernel(const T* __restrict__ a, const T* __restrict__ a2, const T* __restrict__ y,
+__global__ void shuffle_rank_bwd_kernel(const T* __restrict__ a, const T* __restrict__ a2, const T* __restrict__ y,
                            const int64_t* __restrict__ perm, const float* __restrict__ grad, int64_t grad_stride,
                            T* __restrict__ da, T* __restrict__ da2, T* __restrict__ dy, int64_t B, int s, int64_t d,
                            int64_t sa_b, int64_t sa_s, int64_t sb_b, int64_t sb_s, int64_t sy_b, int64_t sy_s,
@@ -188,7 +188,7 @@ template <typename T>
 int launch_fwd(const void* a, const void* a2, const void* y, const int64_t* perm, float* out, int64_t B, int64_t s,
                int64_t d, int64_t sa_b, int64_t sa_s, int64_t sb_b, int64_t sb_s, int64_t sy_b, int64_t sy_s,
                float inv_theta, float cap, float coef0, float coef2, float acc_scale, cudaStream_t st) {
-  fwd_kernel<T><<<blocks_for(B), kWarps * 32, 0, st>>>((const T*)a, (const T*)a2, (const T*)y, perm, out, B, (int)s,
+  shuffle_rank_fwd_kernel<T><<<blocks_for(B), kWarps * 32, 0, st>>>((const T*)a, (const T*)a2, (const T*)y, perm, out, B, (int)s,
                                                        d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, inv_theta, cap, coef0,
                                                        coef2, acc_scale);
   return (int)cudaGetLastError();
@@ -199,7 +199,7 @@ int launch_bwd(const void* a, const void* a2, const void* y, const int64_t* perm
                int64_t grad_stride, void* da, void* da2, void* dy, int64_t B, int64_t s, int64_t d, int64_t sa_b,
                int64_t sa_s, int64_t sb_b, int64_t sb_s, int64_t sy_b, int64_t sy_s, float inv_theta, float cap,
                float gcoef0, float gcoef2, cudaStream_t st) {
-  bwd_kernel<T><<<blocks_for(B), kWarps * 32, 0, st>>>((const T*)a, (const T*)a2, (const T*)y, perm, grad,
+  shuffle_rank_bwd_kernel<T><<<blocks_for(B), kWarps * 32, 0, st>>>((const T*)a, (const T*)a2, (const T*)y, perm, grad,
                                                        grad_stride, (T*)da, (T*)da2, (T*)dy, B, (int)s, d, sa_b, sa_s,
                                                        sb_b, sb_s, sy_b, sy_s, inv_theta, cap, gcoef0, gcoef2);
   return (int)cudaGetLastError();
