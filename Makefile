@@ -11,7 +11,7 @@ SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h
 
 export MAX_JOBS CUDA_HOME
 
-.PHONY: all build test demo bench gpu-check info clean
+.PHONY: all build test demo bench bench-vendor gpu-check info clean
 
 all: test
 
@@ -40,6 +40,10 @@ demo: build
 
 bench: build
 	THP_MEM_ALLOC_ENABLE=1 $(PY) -m pytest bench -q --benchmark-only --benchmark-columns=median,iqr,min,rounds $(PYTEST_ARGS)
+
+# Third-party anchors for the GPU benchmark, carried to the GPU machine (which has no network).
+bench-vendor:
+	mkdir -p bench/vendor && $(PY) -m pip download --no-deps --dest bench/vendor inf-cl
 
 # On a lent GPU machine (no network, its own python3 with torch): build in place, run the
 # GPU tests and the GPU benchmarks, write everything under $$OUT.

@@ -23,6 +23,14 @@ timeout 300 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build
 echo "build: $(( $(date +%s) - t0 )) s"
 $PY -m dualvar.kernels.info | tee "$OUT/info.txt"
 
+# Inf-CL, the anchor of the contrastive benchmark: its wheel travels in bench/vendor/ (`make bench-vendor`
+# downloads it; the GPU machine has no network). Pure Python on Triton, so no build.
+if ls bench/vendor/inf_cl-*.whl >/dev/null 2>&1; then
+  $PY -m pip install --no-deps --no-index bench/vendor/inf_cl-*.whl > "$OUT/infcl_install.log" 2>&1 || echo "inf-cl install failed"
+else
+  echo "no bench/vendor/inf_cl-*.whl: the Inf-CL comparison will be left out"
+fi
+
 # GPU tests first (correctness), then the benchmark table.
 timeout 150 $PY -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
 timeout 240 $PY -m pytest bench -q --benchmark-only -k "cuda" -p no:cacheprovider \
