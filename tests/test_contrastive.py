@@ -290,3 +290,20 @@ def test_gpu_info_nce_matches_reference(backend, with_queue, gen):
     assert K.last_backend("contrastive") == backend
     assert abs(out.item() - ref.item()) < 1e-4
     assert (gq.double().cpu() - gq_ref).abs().max() < 1e-4 and (gk.double().cpu() - gk_ref).abs().max() < 1e-4
+
+
+def test_compiled_ops_pass_opcheck(gen):
+    """Schema, fake (meta) functions and dispatcher registration agree (torch.library.opcheck)."""
+    from dualvar.kernels._ext import load_ext
+    load_ext()
+    q, k = unit(9, 5, gen=gen).float(), unit(13, 5, gen=gen).float()
+    lse = torch.ops.dualvar.lse_fwd(q, k, 0.2, 2)
+    grad = torch.rand(9, generator=gen)
+    torch.library.opcheck(torch.ops.dualvar.lse_fwd.default, (q, k, 0.2, 2))
+    torch.library.opcheck(torch.ops.dualvar.lse_bwd.default, (q, k, lse, grad, 0.2, 2, True, True))
+    z = unit(12, 5, gen=gen).float()
+    zl = torch.ops.dualvar.lse_fwd(z, z, 0.2, 0)
+    torch.library.opcheck(torch.ops.dualvar.lse_bwd_sym.default, (z, zl, torch.rand(12, generator=gen), 0.2))
+    video = torch.randint(0, 256, (2, 4, 3, 5, 3), dtype=torch.uint8, generator=gen)
+    lut = K.normalization_lut((0.5,) * 3, (0.2,) * 3, torch.bfloat16, "cpu")
+    torch.library.opcheck(torch.ops.dualvar.permute_frames.default, (video, K.identity_index(2, 4), lut, None))
