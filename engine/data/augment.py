@@ -110,42 +110,42 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """x (N, 3, T, H, W) in [0, 1], f (N,): clamp(x * f)."""
+    """x (N, 3, T, H, W) in [0, 1], f (N,): clamp(x * f). Returns a new tensor."""
     return (x * _bshape(f, x)).clamp_(0, 1)
 
 
 def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Blend each frame with its own mean grey level (torchvision/PIL: per image, hence per frame)."""
     mean = _gray(x).mean(dim=(-2, -1), keepdim=True)
-    f = _bshape(f, x)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+    return torch.lerp(mean.expand_as(x), x, _bshape(f, x)).clamp_(0, 1)
 
 
 def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    f = _bshape(f, x)
-    return (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
+    """Blend each pixel with its grey level: clamp(gray + f * (x - gray))."""
+    return torch.lerp(_gray(x).expand_as(x), x, _bshape(f, x)).clamp_(0, 1)
 
 
 def adjust_hue(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by h (N,) turns, via HSV, with torchvision's formulas (`_rgb_to_hsv`/`_hsv_to_rgb`)."""
+    """Rotate hue by h (N,) turns through HSV, as torchvision's adjust_hue (same sector rules).
+
+    Shortcuts that keep the result: v * s = max - min (= cr), and HSV -> RGB in closed form,
+    c = v - cr * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B,
+    which equals torchvision's six-sector table without its (N, 6, ...) masks.
+    """
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(dim=1), x.amin(dim=1)
     cr = maxc - minc
-    eqc = cr == 0
-    s = cr / torch.where(eqc, torch.ones_like(maxc), maxc)
-    inv = 1.0 / torch.where(eqc, torch.ones_like(cr), cr)
+    inv = cr.clamp_min(1e-12).reciprocal_()  # grey pixels (cr = 0) get hue 0, as in torchvision
     # torchvision's sector choice: red if max == r, else green if max == g, else blue
-    hh = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
-    hh = torch.remainder(hh / 6.0 + _bshape(h, hh), 1.0)
-    # HSV -> RGB in closed form: c = v - v * s * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6 with
-    # n = 5, 3, 1 for R, G, B; equal to torchvision's six-sector table, without its (N, 6, ...) masks.
-    h6 = hh * 6.0
-    vs = maxc * s
-    out = []
-    for n in (5.0, 3.0, 1.0):
+    h6 = torch.where(maxc == g, (b - r).add_(cr, alpha=2.0), (r - g).add_(cr, alpha=4.0))
+    h6 = torch.where(maxc == r, g - b, h6).mul_(inv)
+    h6 = torch.remainder(h6.add_(_bshape(h, h6) * 6.0), 6.0)
+    out = torch.empty_like(x)
+    for c, n in enumerate((5.0, 3.0, 1.0)):
         k = torch.remainder(h6 + n, 6.0)
-        out.append(maxc - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(out, dim=1).clamp_(0.0, 1.0)
+        k = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+        torch.sub(maxc, k.mul_(cr), out=out[:, c])
+    return out.clamp_(0.0, 1.0)
 
 
 _OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -190,8 +190,8 @@ def apply_colour(x: torch.Tensor, jitter: torch.Tensor, jitter_order: torch.Tens
     Returns:
         (N, 3, T, H, W), a new tensor. Samples without jitter/blur pass unchanged.
     """
-    x = x.clone()
     dev = x.device
+    x = x.clone()
     jitter, jitter_order = jitter.to(dev), jitter_order.to(dev)
     jitter_apply, blur_apply, blur_sigma = jitter_apply.to(dev), blur_apply.to(dev), blur_sigma.to(dev)
     for step in range(4):
