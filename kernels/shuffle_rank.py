@@ -458,10 +458,20 @@ _IMPLS = {b: (lambda *a, _b=b: _run_fused(_b, *a)) for b in _FUSED}
 _IMPLS["torch"] = _shuffle_rank_torch
 
 
+def _compiled_op_missing() -> bool:
+    try:
+        torch.ops.dualvar.shuffle_rank_fwd
+        return False
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def _op_reason(dtype):
     def reason(backend):
         if dtype == torch.float64 and backend in ("triton", "cuda"):
             return "float64 runs on the cpu and torch backends only"
+        if backend in ("cpu", "cuda") and _compiled_op_missing():
+            return "the compiled extension predates the shuffle_rank ops; rebuild it with `pip install -e .`"
         return None
     return reason
 
