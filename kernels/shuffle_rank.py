@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import select
-from ._ext import load_triton
+from ._ext import load_ext, load_triton
 
 MAX_SERIES = 8
 MAX_DIM = 512
@@ -458,12 +458,40 @@ _IMPLS = {b: (lambda *a, _b=b: _run_fused(_b, *a)) for b in _FUSED}
 _IMPLS["torch"] = _shuffle_rank_torch
 
 
+_FAKES_REGISTERED = False
+
+
+def _register_fakes() -> None:
+    """Shape functions of the compiled ops (torch.compile / FakeTensor tracing; checked by opcheck)."""
+    global _FAKES_REGISTERED
+    register = getattr(torch.library, "register_fake", None)
+    if _FAKES_REGISTERED or register is None:
+        return
+    _FAKES_REGISTERED = True
+
+    def fwd(anchor, anchor2, shuffled, perm, inv_theta, cap, coef0, coef2, acc_scale):
+        return anchor.new_empty((4,), dtype=torch.float64 if anchor.dtype == torch.float64 else torch.float32)
+
+    def bwd(anchor, anchor2, shuffled, perm, grad, inv_theta, cap, gcoef0, gcoef2):
+        da2 = anchor.new_empty(anchor.shape) if anchor2 is not None else anchor.new_empty((0,))
+        return anchor.new_empty(anchor.shape), da2, anchor.new_empty(anchor.shape)
+
+    for name, fn in (("shuffle_rank_fwd", fwd), ("shuffle_rank_bwd", bwd)):
+        try:
+            register(f"dualvar::{name}", fn)
+        except RuntimeError:  # already registered (module reloaded)
+            pass
+
+
 def _compiled_op_missing() -> bool:
+    if load_ext()[0] is None:
+        return True
     try:
         torch.ops.dualvar.shuffle_rank_fwd
-        return False
     except (AttributeError, RuntimeError):
         return True
+    _register_fakes()
+    return False
 
 
 def _op_reason(dtype):

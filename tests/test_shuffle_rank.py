@@ -261,6 +261,19 @@ def test_compiled_op_checks_inputs_itself(gen):
         torch.ops.dualvar.shuffle_rank_fwd(a[:, :1], None, y[:, :1], perm[:, :1], 20.0, 5.0, 1.0, 0.0, 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("two", [False, True])
+def test_compiled_ops_pass_opcheck(dtype, two, gen):
+    """Schema, fake (meta) functions and dispatcher registration agree (torch.library.opcheck)."""
+    assert not SR._compiled_op_missing()  # also registers the fake functions
+    a, a2, y, perm = make(3, 3, 5, gen, dtype=dtype)
+    a2 = a2 if two else None
+    fwd_args = (a, a2, y, perm, 20.0, 5.0, 0.1, 0.2 if two else 0.0, 0.05)
+    torch.library.opcheck(torch.ops.dualvar.shuffle_rank_fwd.default, fwd_args)
+    grad = torch.rand(2 if two else 1, generator=gen)
+    torch.library.opcheck(torch.ops.dualvar.shuffle_rank_bwd.default, (a, a2, y, perm, grad, 20.0, 5.0, 0.3, 0.4))
+
+
 def test_float64_refused_on_gpu_backends():
     with pytest.raises(K.BackendUnavailable):
         a = torch.randn(2, 2, 3, dtype=torch.float64)
