@@ -229,3 +229,16 @@ def test_worker_failures_aggregate_and_error_propagates(synth, tmp_path):
     strict = VideoClipDataset(entries, "pretrain", ClipConfig(**CFG, max_failure_fraction=0.1, min_attempts=2))
     with pytest.raises(DataFailureError, match="gone.avi|empty.avi"):
         list(VideoLoader(strict, 2, num_workers=1, shuffle=False, drop_last=False))
+
+
+def test_bench_loader_reports_throughput_and_shares(synth, capsys):
+    from dualvar.engine.cli import main as dualvar_main
+    from dualvar.engine.data.bench import bench_loader
+    _, index = synth
+    r = bench_loader(index, num_workers=0, batch_size=2, batches=1, warmup=1)
+    assert r["clips_per_s"] > 0 and abs(r["clips_per_s"] - 3 * r["videos_per_s"]) < 1e-9
+    assert abs(r["decode_share"] + r["augment_share"] - 1) < 1e-9 and 0 < r["decode_share"] < 1
+    root = os.path.dirname(index)
+    assert dualvar_main(["data", "bench", "--root", root, "--workers", "0", "--batches", "1", "--batch-size", "2",
+                         "--no-colour"]) == 0
+    assert "workers 0:" in capsys.readouterr().out

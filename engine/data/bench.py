@@ -29,9 +29,11 @@ def _sync(device) -> None:
 
 
 def bench_loader(index: str, num_workers: int = 0, batch_size: int = 8, batches: int = 10,
-                 device: str = "cpu", warmup: int = 1) -> dict:
+                 device: str = "cpu", warmup: int = 1, augment_colour: bool = True) -> dict:
     """Time `batches` batches of the pretraining loader after `warmup` batches (worker start-up is
-    excluded). Shares: time of decode + crop vs device augmentation (to_views) measured in one process.
+    excluded). decode_share/augment_share: time of decode + crop (`dataset[i]`) vs device augmentation
+    (`to_views`) for one batch in one process; loop_wait_share/loop_augment_share: the timed loop's
+    time waiting for the loader vs in `to_views` (with workers, decoding overlaps augmentation).
     """
     loader = build_loader(index, "pretrain", "train", batch_size, num_workers=num_workers, device=device)
     it = iter(loader)
@@ -39,12 +41,16 @@ def bench_loader(index: str, num_workers: int = 0, batch_size: int = 8, batches:
         to_views(next(it), device)
     _sync(device)
     t0 = time.perf_counter()
-    n = 0
+    n, t_wait, t_views = 0, 0.0, 0.0
     for _ in range(batches):
+        t1 = time.perf_counter()
         batch = next(it)
-        to_views(batch, device)
+        t2 = time.perf_counter()
+        to_views(batch, device, augment_colour=augment_colour)
+        _sync(device)
+        t_views += time.perf_counter() - t2
+        t_wait += t2 - t1
         n += batch["video"].shape[0]
-    _sync(device)
     elapsed = time.perf_counter() - t0
     del it, loader
     # split of single-process time: decode + crop in __getitem__, augmentation in to_views
@@ -54,9 +60,10 @@ def bench_loader(index: str, num_workers: int = 0, batch_size: int = 8, batches:
     t_decode = time.perf_counter() - t0
     batch = torch.utils.data.default_collate(items)
     t0 = time.perf_counter()
-    to_views(batch, device)
+    to_views(batch, device, augment_colour=augment_colour)
     _sync(device)
     t_aug = time.perf_counter() - t0
-    return {"workers": num_workers, "batch_size": batch_size, "batches": batches, "device": str(device),
+    return {"workers": num_workers, "augment_colour": augment_colour, "batch_size": batch_size, "batches": batches, "device": str(device),
             "clips_per_s": 3 * n / elapsed, "videos_per_s": n / elapsed, "seconds": elapsed,
+            "loop_wait_share": t_wait / elapsed, "loop_augment_share": t_views / elapsed,
             "decode_share": t_decode / (t_decode + t_aug), "augment_share": t_aug / (t_decode + t_aug)}

@@ -47,11 +47,12 @@ def _bench(args: argparse.Namespace) -> int:
     rows = []
     for w in args.workers:
         r = bench_loader(index, num_workers=w, batch_size=args.batch_size, batches=args.batches,
-                         device=args.device)
+                         device=args.device, augment_colour=not args.no_colour)
         rows.append(r)
         print(f"workers {w}: {r['clips_per_s']:.1f} clips/s ({r['videos_per_s']:.1f} videos/s), "
               f"decode+crop {r['decode_share']:.0%} / device augmentation {r['augment_share']:.0%} "
-              f"of single-process time")
+              f"of single-process time; loop: waiting for batches {r['loop_wait_share']:.0%}, "
+              f"augmenting {r['loop_augment_share']:.0%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -93,5 +94,7 @@ def add_data_commands(subparsers) -> None:
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-colour", action="store_true",
+                   help="skip colour jitter and blur (decode + crop + transfer + layout/normalise only)")
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=_bench)
