@@ -102,17 +102,16 @@ class DecordReader:
         elif (height is None) != (width is None):
             raise ValueError("give both height and width, or neither")
         self._resize_after: Optional[tuple[int, int]] = None
+        self._num_threads = int(num_threads)
         try:
-            try:
-                self._vr, h, w = self._open(decord, path, num_threads, kw)
-            except decord.DECORDError as e:
-                # decord's resize at decode fails for some output widths ("The size must exactly
-                # match", e.g. 24 or 48 px): decode at native size and resize with torch instead.
-                if not kw or "must exactly match" not in str(e):
-                    raise
-                self._vr, _, _ = self._open(decord, path, num_threads, {})
-                self._resize_after = (int(height), int(width))
-                h, w = self._resize_after
+            self._vr = decord.VideoReader(path, num_threads=self._num_threads, **kw)
+            if kw:
+                h, w = int(height), int(width)
+            elif len(self._vr) > 0:
+                h, w = self._vr[0].shape[:2]
+                self._vr.seek(0)
+            else:
+                h = w = 0
             self.num_frames = len(self._vr)
             self.fps = float(self._vr.get_avg_fps())
         except VideoReadError:
@@ -121,23 +120,24 @@ class DecordReader:
             raise VideoReadError(path, "unreadable", f"decord: {str(e).splitlines()[0][:200]}") from e
         self.height, self.width = int(h), int(w)
 
-    @staticmethod
-    def _open(decord, path, num_threads, kw):
-        vr = decord.VideoReader(path, num_threads=int(num_threads), **kw)
-        if len(vr) == 0:
-            return vr, 0, 0
-        h, w = vr.get_batch([0]).shape[1:3]  # get_batch, not vr[0]: only get_batch hits the resize bug
-        vr.seek(0)
-        return vr, h, w
-
     def get_frames(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 (n, H, W, 3) frames at `indices` (any order, repeats allowed)."""
         idx = _check_indices(self.path, indices, self.num_frames)
         uniq, inverse = np.unique(idx, return_inverse=True)
         try:
-            frames = self._vr.get_batch(uniq.tolist()).asnumpy()
-            if self._resize_after is not None:
-                frames = _resize_uint8(frames, *self._resize_after)
+            try:
+                frames = self._vr.get_batch(uniq.tolist()).asnumpy()
+            except Exception as e:
+                # decord's resize at decode fails for some output widths ("The size must exactly
+                # match", e.g. 24 or 48 px): decode at native size and resize with torch instead.
+                if self._resize_after is not None or "must exactly match" not in str(e):
+                    raise
+                import decord
+                self._vr = decord.VideoReader(self.path, num_threads=self._num_threads)
+                self._resize_after = (self.height, self.width)
+                frames = self._vr.get_batch(uniq.tolist()).asnumpy()
+            if frames.shape[1:3] != (self.height, self.width):
+                frames = _resize_uint8(frames, self.height, self.width)
         except Exception as e:
             raise VideoReadError(self.path, "unreadable", f"decord get_batch: {str(e).splitlines()[0][:200]}") from e
         if frames.shape[0] != uniq.size:
