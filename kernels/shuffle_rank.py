@@ -376,7 +376,7 @@ if _triton is not None:
         SP = triton.next_power_of_2(s)
         # keep the (SP, SP, BLOCK_D) broadcast products at <= 4096 elements per program
         BLOCK_D = max(16, min(triton.next_power_of_2(d), 4096 // (SP * SP)))
-        num_warps = max(1, min(4, SP * SP * BLOCK_D // 512)) if SP < 8 else 8  # s=8: 64-entry blocks need 8 warps to avoid spills
+        num_warps = max(1, min(8, SP * SP * BLOCK_D // 512))  # <= 16 product elements per thread: no spills
         per_prog = triton.cdiv(B, 2048)  # at most 2048 programs (and forward atomics)
         return SP, BLOCK_D, num_warps, per_prog
 

@@ -300,7 +300,7 @@ def _sigs(dt):
 
 
 AOT_CASES = [(2, 64, "fp32", True), (2, 64, "bf16", True), (2, 64, "fp16", False), (2, 512, "bf16", True),
-             (3, 130, "fp32", True), (8, 512, "bf16", True), (8, 64, "fp32", False)]
+             (3, 130, "fp32", True), (4, 512, "bf16", True), (8, 512, "bf16", True), (8, 64, "fp32", False)]
 
 
 def _aot_compile_all():
