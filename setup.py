@@ -83,6 +83,17 @@ def _ext_modules():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+def _packages():
+    """dualvar.engine.* <- engine/, dualvar.kernels.* <- kernels/ (every folder with an __init__.py)."""
+    found = []
+    for top in ("engine", "kernels"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            if "__init__.py" in files:
+                rel = os.path.relpath(dirpath, ROOT).split(os.sep)
+                found.append(".".join(["dualvar"] + rel))
+    return sorted(found)
+
+
 ext_modules, cmdclass = _ext_modules()
 
 setup(
@@ -92,7 +103,7 @@ setup(
     python_requires=">=3.10",
     # `dualvar` is a namespace package: no top-level `engine` or `kernels` module is ever installed.
     package_dir={"dualvar.engine": "engine", "dualvar.kernels": "kernels"},
-    packages=["dualvar.engine", "dualvar.kernels"],
+    packages=_packages(),
     package_data={"dualvar.engine": ["configs/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
