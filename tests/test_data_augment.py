@@ -40,7 +40,8 @@ def test_jitter_ops_match_torchvision(clips, gen, op, tv):
 def test_blur_matches_torchvision(clips, gen):
     N = clips.shape[0]
     sigma = torch.rand(N, generator=gen) * 1.9 + 0.1
-    K = A.gaussian_kernel_size(float(sigma.max()))
+    K = A.gaussian_kernel_size(2.0)
+    assert K == 13
     x = torch.rand(N, 3, 2, 29, 31, generator=gen)
     got = A.gaussian_blur(x, sigma)
     want = torch.stack([tv_per_frame(x[i], lambda v: TF.gaussian_blur(v, [K, K], [float(sigma[i])] * 2))
@@ -48,7 +49,8 @@ def test_blur_matches_torchvision(clips, gen):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_apply_colour_matches_sequential_reference(clips):
+@pytest.mark.parametrize("masked", [False, True])
+def test_apply_colour_matches_sequential_reference(clips, masked):
     rng = np.random.default_rng(7)
     N = clips.shape[0]
     params = [{**A.sample_jitter(rng, p=0.7), **A.sample_blur(rng, p=0.6)} for _ in range(N)]
@@ -60,9 +62,9 @@ def test_apply_colour_matches_sequential_reference(clips):
     japp = torch.tensor([p["jitter_apply"] for p in params])
     sig = torch.tensor([float(p["blur_sigma"]) for p in params])
     bapp = torch.tensor([p["blur_apply"] for p in params])
-    got = A.apply_colour(clips, jit, order, japp, sig, bapp)
+    got = A.apply_colour(clips, jit, order, japp, sig, bapp, masked=masked)
     tv_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-    K = A.gaussian_kernel_size(float(sig[bapp].max()))
+    K = A.gaussian_kernel_size(2.0)
     for i in range(N):
         want = clips[i]
         if japp[i]:
@@ -150,3 +152,17 @@ def test_to_views_matches_reference_pipeline(gen):
     ev = to_views({"video": video}, "cpu")
     plain = permute_frames_reference(flat, torch.arange(T).expand(B * V, T), A.IMAGENET_MEAN, A.IMAGENET_STD)
     torch.testing.assert_close(ev.reshape(B * V, 3, T, H, W), plain, atol=1e-5, rtol=0)
+
+
+def test_sample_result_does_not_depend_on_the_batch(clips):
+    rng = np.random.default_rng(11)
+    N = clips.shape[0]
+    params = [{**A.sample_jitter(rng, p=1.0), **A.sample_blur(rng, p=0.5)} for _ in range(N)]
+    args = [torch.from_numpy(np.stack([p["jitter"] for p in params])),
+            torch.from_numpy(np.stack([p["jitter_order"] for p in params])),
+            torch.tensor([p["jitter_apply"] for p in params]),
+            torch.tensor([float(p["blur_sigma"]) for p in params]), torch.tensor([p["blur_apply"] for p in params])]
+    full = A.apply_colour(clips, *args)
+    for i in (0, N - 1):
+        alone = A.apply_colour(clips[i:i + 1], *[a[i:i + 1] for a in args])
+        torch.testing.assert_close(alone[0], full[i], atol=1e-6, rtol=0)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+BLUR_SIGMA = (0.1, 2.0)
+
 # (view) -> probability of the "null" pipeline (no colour, no blur); the rest is "base"/"extra".
 PRETRAIN_NULL_PROB = (0.2, 0.0, 0.0)
 
@@ -73,7 +75,7 @@ def sample_jitter(rng: np.random.Generator, brightness: float = 0.8, contrast: f
     return {"jitter": factors, "jitter_order": order, "jitter_apply": bool(rng.random() < p)}
 
 
-def sample_blur(rng: np.random.Generator, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0)) -> dict:
+def sample_blur(rng: np.random.Generator, p: float = 0.5, sigma: tuple[float, float] = BLUR_SIGMA) -> dict:
     return {"blur_sigma": np.float32(rng.uniform(*sigma)), "blur_apply": bool(rng.random() < p)}
 
 
@@ -159,11 +161,13 @@ def gaussian_kernel_size(sigma_max: float) -> int:
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: Optional[int] = None) -> torch.Tensor:
     """Separable Gaussian blur with a per-sample sigma, reflect padding (as torchvision).
 
-    x: (N, C, T, H, W) float; sigma: (N,). All samples share one kernel size (the one the largest
-    sigma needs unless given); a smaller sigma's kernel is just more concentrated.
+    x: (N, C, T, H, W) float; sigma: (N,). Every sample uses the kernel size that the largest
+    allowed sigma needs (BLUR_SIGMA[1] = 2.0 -> 13 taps) unless given, so a sample's result does not
+    depend on the rest of the batch and no device sync is needed; a smaller sigma's kernel is just
+    more concentrated (its taps beyond 3 sigma are ~0).
     """
     N, C, T, H, W = x.shape
-    K = kernel_size or gaussian_kernel_size(float(sigma.max()))
+    K = kernel_size or gaussian_kernel_size(BLUR_SIGMA[1])
     half = (K - 1) / 2
     t = torch.linspace(-half, half, K, device=x.device, dtype=torch.float32)
     k1 = torch.exp(-0.5 * (t[None, :] / sigma.to(x.device, torch.float32)[:, None]) ** 2)
@@ -179,7 +183,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: Optional[in
 
 
 def apply_colour(x: torch.Tensor, jitter: torch.Tensor, jitter_order: torch.Tensor, jitter_apply: torch.Tensor,
-                 blur_sigma: torch.Tensor, blur_apply: torch.Tensor) -> torch.Tensor:
+                 blur_sigma: torch.Tensor, blur_apply: torch.Tensor, masked: Optional[bool] = None) -> torch.Tensor:
     """Per-sample colour jitter then blur on float clips in [0, 1].
 
     Args:
@@ -187,13 +191,26 @@ def apply_colour(x: torch.Tensor, jitter: torch.Tensor, jitter_order: torch.Tens
         jitter: float (N, 4) brightness, contrast, saturation, hue factors.
         jitter_order: int64 (N, 4) order of the ops (0..3 as above) per sample.
         jitter_apply, blur_apply: bool (N,); blur_sigma: float (N,).
+        masked: how samples are selected. False: gather the samples that take an op, apply it, scatter
+            back (least arithmetic; needs the selection's size, a device sync). True: apply every op to
+            the whole batch and keep it per sample with torch.where (no syncs; better on GPUs).
+            None: True on CUDA, False elsewhere. Both give the same result.
     Returns:
         (N, 3, T, H, W), a new tensor. Samples without jitter/blur pass unchanged.
     """
     dev = x.device
-    x = x.clone()
     jitter, jitter_order = jitter.to(dev), jitter_order.to(dev)
     jitter_apply, blur_apply, blur_sigma = jitter_apply.to(dev), blur_apply.to(dev), blur_sigma.to(dev)
+    if masked is None:
+        masked = x.is_cuda
+    if masked:
+        for step in range(4):
+            for op in range(4):
+                keep = (jitter_apply & (jitter_order[:, step] == op)).view(-1, 1, 1, 1, 1)
+                x = torch.where(keep, _OPS[op](x, jitter[:, op]), x)
+        keep = blur_apply.view(-1, 1, 1, 1, 1)
+        return torch.where(keep, gaussian_blur(x, blur_sigma.clamp_min(BLUR_SIGMA[0])), x)
+    x = x.clone()
     for step in range(4):
         for op in range(4):
             sel = torch.nonzero(jitter_apply & (jitter_order[:, step] == op)).view(-1)
