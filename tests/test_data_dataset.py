@@ -1,4 +1,5 @@
 """Datasets and loader: item contents vs the sampling formulas, bad files, workers, sampler resume."""
+import gc
 import os
 import time
 
@@ -150,7 +151,7 @@ def test_timeout_in_dataset(synth, monkeypatch):
 @pytest.mark.parametrize("n,replicas,drop_last", [(10, 1, False), (10, 3, False), (7, 2, True), (1, 3, False)])
 def test_sampler_matches_distributed_sampler(n, replicas, drop_last):
     for rank in range(replicas):
-        ours = ResumableDistributedSampler(n, replicas, rank, shuffle=True, seed=4, drop_last=drop_last)
+        ours = ResumableDistributedSampler(list(range(n)), replicas, rank, shuffle=True, seed=4, drop_last=drop_last)
         theirs = DistributedSampler(range(n), replicas, rank, shuffle=True, seed=4, drop_last=drop_last)
         for epoch in (0, 3):
             ours.set_epoch(epoch)
@@ -208,9 +209,12 @@ def test_loader_independent_of_workers_and_resumes(synth):
     resumed = build_loader(index, "pretrain", "train", 2, config=cfg, num_workers=1, seed=7)
     resumed.load_state_dict(state)
     assert_same_batches(first + batches_of(resumed), ref)
-    # next epoch differs
+    # next epoch differs, and persistent workers see the new epoch
     l0.set_epoch(2)
-    assert not torch.equal(batches_of(l0, 1)[0]["video"], ref[0]["video"])
+    l2.set_epoch(2)
+    ref2 = batches_of(l0)
+    assert not torch.equal(ref2[0]["video"], ref[0]["video"])
+    assert_same_batches(ref2, batches_of(l2))
     x = to_views(ref[0], "cpu")
     assert x.shape == (2, 3, 3, 4, 32, 32) and x.dtype == torch.float32
 
@@ -226,9 +230,12 @@ def test_worker_failures_aggregate_and_error_propagates(synth, tmp_path):
     failed = sum(f[k] for k in ("missing", "empty", "unreadable", "too_short", "timeout"))
     assert n == len(entries) and f["missing"] >= 1 and f["empty"] >= 1 and f["unreadable"] == 0
     assert f["attempts"] == len(entries) + failed  # every read of every worker is counted once
+    del loader
     strict = VideoClipDataset(entries, "pretrain", ClipConfig(**CFG, max_failure_fraction=0.1, min_attempts=2))
+    # (after a worker raises, torch's DataLoader takes ~5 s per worker to shut down: one worker here)
     with pytest.raises(DataFailureError, match="gone.avi|empty.avi"):
         list(VideoLoader(strict, 2, num_workers=1, shuffle=False, drop_last=False))
+    gc.collect()  # shut those workers down here, not during a later test
 
 
 def test_bench_loader_reports_throughput_and_shares(synth, capsys):

@@ -257,8 +257,11 @@ class ResumableDistributedSampler(Sampler):
     `set_epoch(e)` starts epoch e at position 0. With tag_epoch=True it yields (index, epoch) pairs.
     """
 
-    def __init__(self, dataset_len: int, num_replicas: Optional[int] = None, rank: Optional[int] = None,
+    def __init__(self, dataset_len, num_replicas: Optional[int] = None, rank: Optional[int] = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False, tag_epoch: bool = False):
+        """dataset_len: the dataset's length, or the dataset itself (as DistributedSampler takes)."""
+        if not isinstance(dataset_len, int):
+            dataset_len = len(dataset_len)
         if num_replicas is None or rank is None:
             dist = torch.distributed
             ready = dist.is_available() and dist.is_initialized()
