@@ -249,3 +249,19 @@ def test_bench_loader_reports_throughput_and_shares(synth, capsys):
     assert dualvar_main(["data", "bench", "--root", root, "--workers", "0", "--batches", "1", "--batch-size", "2",
                          "--no-colour"]) == 0
     assert "workers 0:" in capsys.readouterr().out
+
+
+def test_holdout_split_and_short_count(synth):
+    from dualvar.engine.data.dataset import holdout_split
+    entries = [{"path": f"v{i}.avi", "label": i % 3, "n_frames": 10 + 7 * i} for i in range(23)]
+    train, val = holdout_split(entries, n=5, seed=1)
+    assert len(val) == 5 and len(train) == 18
+    assert sorted(e["path"] for e in train + val) == sorted(e["path"] for e in entries)
+    assert holdout_split(entries, n=5, seed=1) == (train, val)
+    assert holdout_split(entries, n=5, seed=2)[1] != val
+    with pytest.raises(ValueError, match="hold out"):
+        holdout_split(entries, n=24)
+    ds = VideoClipDataset(entries, "pretrain", ClipConfig(**CFG))  # span (4 - 1) * 3 + 1 = 10
+    assert ds.shorter_than_clip() == sum(1 for e in entries if e["n_frames"] < 10)
+    ds = VideoClipDataset(entries, "pretrain", ClipConfig(**dict(CFG, stride=20)))  # span 61
+    assert ds.shorter_than_clip() == sum(1 for e in entries if e["n_frames"] < 61) == 8

@@ -108,6 +108,12 @@ class VideoClipDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def shorter_than_clip(self) -> int:
+        """Entries whose indexed length is below one clip's span ((T - 1) * ds + 1 frames); they are
+        kept, with repeated edge frames (METHOD.md 8.14), and this count is for the training log."""
+        span = (self.config.frames - 1) * self.config.stride + 1
+        return sum(1 for e in self.entries if 0 < int(e.get("n_frames", span)) < span)
+
     # ------------------------------------------------------------------ failure counters
     def attach_counters(self, num_workers: int) -> None:
         """(Re)allocate the shared counters for the main process and `num_workers` workers.
@@ -219,6 +225,20 @@ class VideoClipDataset(Dataset):
         out["blur_apply"] = torch.tensor([p["blur_apply"] for p in params])
         out["hflip"] = torch.tensor(hflip)
         return out
+
+
+def holdout_split(entries: Sequence[dict], n: int = 800, seed: int = 666) -> tuple[list[dict], list[dict]]:
+    """(train, val): `n` entries drawn without replacement as a validation hold-out (METHOD.md 1.1).
+
+    Deterministic for `seed`, with numpy's generator (the reference used pandas.sample(n=800,
+    random_state=666); the drawn videos differ, the protocol is the same). Order is kept.
+    """
+    if not 0 <= n <= len(entries):
+        raise ValueError(f"cannot hold out {n} of {len(entries)} videos")
+    held = set(np.random.default_rng(seed).choice(len(entries), size=n, replace=False).tolist())
+    train = [e for i, e in enumerate(entries) if i not in held]
+    val = [e for i, e in enumerate(entries) if i in held]
+    return train, val
 
 
 # ----------------------------------------------------------------------------- device side
