@@ -10,6 +10,7 @@ import torch
 
 from .dataset import VideoClipDataset, build_loader, to_views
 from .index import build_index, load_index
+from .reader import resolve_backend
 from .synthetic import write_synthetic_dataset
 
 
@@ -52,6 +53,7 @@ def bench_loader(index: str, num_workers: int = 0, batch_size: int = 8, batches:
         t_wait += t2 - t1
         n += batch["video"].shape[0]
     elapsed = time.perf_counter() - t0
+    failures = {k: v for k, v in loader.failures().items() if k != "attempts" and v}
     del it, loader
     # split of single-process time: decode + crop in __getitem__, augmentation in to_views
     ds = VideoClipDataset(load_index(index, "train", only_ok=True), "pretrain")
@@ -65,5 +67,6 @@ def bench_loader(index: str, num_workers: int = 0, batch_size: int = 8, batches:
     t_aug = time.perf_counter() - t0
     return {"workers": num_workers, "augment_colour": augment_colour, "batch_size": batch_size, "batches": batches, "device": str(device),
             "clips_per_s": 3 * n / elapsed, "videos_per_s": n / elapsed, "seconds": elapsed,
+            "failures": failures, "backend": resolve_backend("auto"),
             "loop_wait_share": t_wait / elapsed, "loop_augment_share": t_views / elapsed,
             "decode_share": t_decode / (t_decode + t_aug), "augment_share": t_aug / (t_decode + t_aug)}

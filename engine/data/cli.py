@@ -49,10 +49,10 @@ def _bench(args: argparse.Namespace) -> int:
         r = bench_loader(index, num_workers=w, batch_size=args.batch_size, batches=args.batches,
                          device=args.device, augment_colour=not args.no_colour)
         rows.append(r)
-        print(f"workers {w}: {r['clips_per_s']:.1f} clips/s ({r['videos_per_s']:.1f} videos/s), "
+        print(f"[{r['backend']}] workers {w}: {r['clips_per_s']:.1f} clips/s ({r['videos_per_s']:.1f} videos/s), "
               f"decode+crop {r['decode_share']:.0%} / device augmentation {r['augment_share']:.0%} "
               f"of single-process time; loop: waiting for batches {r['loop_wait_share']:.0%}, "
-              f"augmenting {r['loop_augment_share']:.0%}")
+              f"augmenting {r['loop_augment_share']:.0%}" + (f"; FAILED READS {r['failures']}" if r["failures"] else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
