@@ -114,7 +114,12 @@ def test_random_crop_is_clip_consistent_and_covers_offsets():
 
 def test_centre_crop_offsets_match_reference():
     clip = np.random.default_rng(2).integers(0, 256, (2, 171, 128, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(A.centre_crop(clip, 112), clip[:, 29:141, 8:120])  # x offset 8, y offset 29/30
+    np.testing.assert_array_equal(A.centre_crop(clip, 112), clip[:, 30:142, 8:120])  # METHOD.md 6.2: x 8, y 30
+    ref = TF.center_crop(torch.from_numpy(clip).permute(0, 3, 1, 2), [112, 112]).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(A.centre_crop(clip, 112), ref)
+    odd = clip[:, :117, :113]
+    np.testing.assert_array_equal(A.centre_crop(odd, 112), TF.center_crop(
+        torch.from_numpy(odd).permute(0, 3, 1, 2), [112, 112]).permute(0, 2, 3, 1).numpy())
     with pytest.raises(ValueError, match="smaller"):
         A.centre_crop(clip[:, :100], 112)
 

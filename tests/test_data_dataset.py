@@ -62,7 +62,7 @@ def test_eval_and_finetune_items(synth):
     assert ev["video"].shape == (5, 4, 32, 32, 3) and "jitter" not in ev
     idx = sampling.eval_indices(entries[1]["n_frames"], 4, 3, 5)
     frames = open_video(entries[1]["path"], height=40, width=56).get_frames(idx.reshape(-1)).reshape(5, 4, 40, 56, 3)
-    np.testing.assert_array_equal(ev["video"].numpy(), frames[:, :, 4:36, 12:44])
+    np.testing.assert_array_equal(ev["video"].numpy(), frames[:, :, 4:36, 12:44])  # (40-32)/2, (56-32)/2
     ft = VideoClipDataset(entries, "finetune", cfg)
     flips = [bool(ft[(0, e)]["hflip"][0]) for e in range(30)]
     assert 5 < sum(flips) < 25

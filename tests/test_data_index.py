@@ -1,6 +1,5 @@
 """Indexes of UCF101 / HMDB51 / Kinetics-400 / list layouts, the probe cache, the CLI and the synthetic set."""
 import csv
-import json
 import os
 import shutil
 

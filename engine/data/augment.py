@@ -58,11 +58,15 @@ def random_crop(clip: np.ndarray, rng: np.random.Generator, crop: int = 112) -> 
 
 
 def centre_crop(clip: np.ndarray, crop: int = 112) -> np.ndarray:
-    """uint8 (T, H, W, C) -> (T, crop, crop, C) at offset ((H-crop)//2, (W-crop)//2)."""
+    """uint8 (T, H, W, C) -> (T, crop, crop, C) at offset (round((H-crop)/2), round((W-crop)/2)).
+
+    Python's round (half to even), as torchvision's CenterCrop: for 171 x 128 frames and a 112 crop
+    the offsets are y 30 (not 29), x 8, as in the reference's test protocol (METHOD.md 6.2).
+    """
     H, W = clip.shape[1:3]
     if H < crop or W < crop:
         raise ValueError(f"frames of {H}x{W} are smaller than the {crop} crop")
-    y0, x0 = (H - crop) // 2, (W - crop) // 2
+    y0, x0 = int(round((H - crop) / 2)), int(round((W - crop) / 2))
     return np.ascontiguousarray(clip[:, y0:y0 + crop, x0:x0 + crop])
 
 
