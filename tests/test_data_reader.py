@@ -135,3 +135,20 @@ def test_timeout_stops_a_stuck_read():
     assert R.call_with_timeout(lambda: 42, 1.0, "x") == 42
     with pytest.raises(ZeroDivisionError):
         R.call_with_timeout(lambda: 1 / 0, 1.0, "x")
+
+
+@pytest.mark.parametrize("suffix", [".avi", ".mp4", ".mkv"])
+def test_pyav_seek_matches_sequential_decode(tmp_path, suffix, monkeypatch):
+    path = str(tmp_path / ("long" + suffix))
+    write_video(path, render_video("DownThenRight", 75, 32, 40, seed=4))
+    r = R.open_video(path, backend="pyav")
+    assert r.num_frames == 75
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        idx = rng.integers(0, 75, size=int(rng.integers(1, 12)))
+        monkeypatch.setattr(R.PyAVReader, "seek", True)
+        seeked = r.get_frames(idx)
+        monkeypatch.setattr(R.PyAVReader, "seek", False)
+        np.testing.assert_array_equal(seeked, r.get_frames(idx))
+    d = R.open_video(path, backend="decord").get_frames(idx)
+    assert np.abs(d.astype(np.int16) - seeked.astype(np.int16)).mean() < 2.0

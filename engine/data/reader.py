@@ -146,11 +146,12 @@ class DecordReader:
 
 
 class PyAVReader:
-    """PyAV reader with the same interface: decodes sequentially up to the last needed frame and
-    converts/resizes with swscale (bicubic). Frame count comes from the container, else from counting
-    packets."""
+    """PyAV reader with the same interface: seeks to the keyframe before the first needed frame,
+    decodes up to the last one and converts/resizes with swscale (bicubic). Frame count comes from
+    the container, else from counting packets."""
 
     backend = "pyav"
+    seek = True  # seek to the keyframe before the first needed frame (False: decode from the start)
 
     def __init__(self, path: str, height: Optional[int] = None, width: Optional[int] = None,
                  num_threads: int = 1):
@@ -185,24 +186,47 @@ class PyAVReader:
         want = {int(i): k for k, i in enumerate(uniq)}
         last = int(uniq[-1]) if uniq.size else -1
         out = np.empty((uniq.size, self.height, self.width, 3), np.uint8)
-        got = 0
         try:
-            with av.open(self.path) as c:
-                s = c.streams.video[0]
-                s.thread_count = self._threads
-                for i, frame in enumerate(c.decode(s)):
-                    if i in want:
-                        out[want[i]] = frame.to_ndarray(format="rgb24", width=self.width, height=self.height,
-                                                        interpolation="BICUBIC")
-                        got += 1
-                    if i >= last:
-                        break
+            got = self._decode(av, want, last, self.seek, out) if uniq.size else 0
+            if got < 0:  # the seek landed after the first wanted frame or frames had no pts
+                got = self._decode(av, want, last, False, out)
         except Exception as e:
             raise VideoReadError(self.path, "unreadable", f"pyav decode: {type(e).__name__}: {str(e)[:200]}") from e
         if got != uniq.size:
             raise VideoReadError(self.path, "unreadable", f"decoded {got} of {uniq.size} requested frames "
                                  f"(header says {self.num_frames}; truncated?)")
         return out[inverse]
+
+    def _decode(self, av, want: dict, last: int, seek: bool, out: np.ndarray) -> int:
+        """Decode into `out` the frames in `want` ({frame index: row}); returns how many, or -1
+        when a seek cannot be trusted. With seek, jump to the keyframe before the first wanted frame
+        and number frames by presentation time: index = round((pts - start) * time_base * fps)."""
+        first = min(want)
+        got = 0
+        with av.open(self.path) as c:
+            s = c.streams.video[0]
+            s.thread_count = self._threads
+            start = s.start_time or 0
+            tb = s.time_base
+            seek = bool(seek and first > 0 and self.fps > 0 and tb)
+            if seek:
+                c.seek(start + int(first / self.fps / float(tb)), stream=s, backward=True, any_frame=False)
+            for n, frame in enumerate(c.decode(s)):
+                if seek:
+                    if frame.pts is None:
+                        return -1
+                    i = int(round(float((frame.pts - start) * tb) * self.fps))
+                    if n == 0 and i > first:
+                        return -1
+                else:
+                    i = n
+                if i in want:
+                    out[want[i]] = frame.to_ndarray(format="rgb24", width=self.width, height=self.height,
+                                                    interpolation="BICUBIC")
+                    got += 1
+                if i >= last:
+                    break
+        return got
 
 
 def open_video(path: str, backend: str = "auto", height: Optional[int] = None, width: Optional[int] = None,
