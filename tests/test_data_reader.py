@@ -20,8 +20,10 @@ def video_file(tmp_path_factory):
     return path, frames
 
 
-def test_both_backends_installed_here():
-    assert BACKENDS == ["decord", "pyav"]
+def test_pyav_always_available():
+    # PyAV also writes the synthetic set, so it is a hard dependency; decord is preferred when present
+    # (the Makefile installs it; some machines, e.g. the GPU one, have no decord wheel).
+    assert "pyav" in BACKENDS
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,10 +44,11 @@ def test_reader_reads_requested_frames(video_file, backend):
 
 
 def test_backends_agree(video_file):
-    path, _ = video_file
-    a = R.open_video(path, backend="decord").get_frames([0, 7, 20])
+    path, frames = video_file
     b = R.open_video(path, backend="pyav").get_frames([0, 7, 20])
-    assert np.abs(a.astype(np.int16) - b.astype(np.int16)).mean() < 2.0
+    # without decord, compare against the source frames (looser: the codec is lossy)
+    a = R.open_video(path, backend="decord").get_frames([0, 7, 20]) if "decord" in BACKENDS else frames[[0, 7, 20]]
+    assert np.abs(a.astype(np.int16) - b.astype(np.int16)).mean() < (2.0 if "decord" in BACKENDS else 12.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -61,7 +64,8 @@ def test_resize_at_decode(video_file, backend):
 
 
 def test_auto_backend_and_override(monkeypatch):
-    assert R.resolve_backend("auto") == "decord"
+    monkeypatch.delenv("DUALVAR_VIDEO_BACKEND", raising=False)
+    assert R.resolve_backend("auto") == BACKENDS[0]  # decord first when installed
     monkeypatch.setenv("DUALVAR_VIDEO_BACKEND", "pyav")
     assert R.resolve_backend("auto") == "pyav"
     with pytest.raises(ValueError, match="video backend"):
@@ -150,5 +154,6 @@ def test_pyav_seek_matches_sequential_decode(tmp_path, suffix, monkeypatch):
         seeked = r.get_frames(idx)
         monkeypatch.setattr(R.PyAVReader, "seek", False)
         np.testing.assert_array_equal(seeked, r.get_frames(idx))
-    d = R.open_video(path, backend="decord").get_frames(idx)
-    assert np.abs(d.astype(np.int16) - seeked.astype(np.int16)).mean() < 2.0
+    if "decord" in BACKENDS:
+        d = R.open_video(path, backend="decord").get_frames(idx)
+        assert np.abs(d.astype(np.int16) - seeked.astype(np.int16)).mean() < 2.0

@@ -11,6 +11,7 @@ imported raises.
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Callable, Optional, Sequence, TypeVar
@@ -33,6 +34,7 @@ class VideoReadError(RuntimeError):
         self.path, self.kind, self.detail = path, kind, detail
 
 
+@functools.lru_cache(maxsize=None)
 def _have(module: str) -> bool:
     try:
         __import__(module)
