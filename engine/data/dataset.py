@@ -55,7 +55,7 @@ class ClipConfig:
     timeout_s: Optional[float] = 60.0
     min_frames: int = 1
     max_failure_fraction: float = 0.05
-    min_attempts: int = 20
+    min_attempts: int = 200
     max_substitutions: int = 20
 
     def __post_init__(self):
