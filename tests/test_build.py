@@ -1,6 +1,6 @@
 """The package, the compiled extension and the ahead-of-time compilation of the GPU kernels."""
 import glob
-import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -13,14 +13,26 @@ import dualvar.kernels as K
 from dualvar.kernels import _aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# torch's extension build passes these; the standalone compiles use them too so they match the real build
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                    "--expt-relaxed-constexpr", "--use_fast_math"]
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 
 
-def test_namespace_has_no_top_level_engine_or_kernels():
-    assert importlib.util.find_spec("dualvar.engine") and importlib.util.find_spec("dualvar.kernels")
+def test_namespace_has_no_top_level_engine_or_kernels(tmp_path):
+    # Ask a fresh interpreter started outside the checkout: `python -m pytest` puts the working directory
+    # on sys.path, so an in-process lookup would find the source folders, not what pip installed.
+    probe = ("import importlib.util, json; "
+             "print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) "
+             "for n in ('dualvar.engine', 'dualvar.kernels', 'engine', 'kernels')}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    origins = json.loads(out)
+    assert origins["dualvar.engine"] and origins["dualvar.kernels"], origins
     for name in ("engine", "kernels"):
-        spec = importlib.util.find_spec(name)
-        assert spec is None or not (spec.origin or "").startswith(ROOT), f"top-level {name} is installed from the repo"
+        assert origins[name] is None or not origins[name].startswith(ROOT), f"top-level {name} is installed: {origins}"
 
 
 def test_extension_is_built_with_expected_parts():
@@ -48,8 +60,23 @@ def test_kernel_sources_include_no_torch_headers():
                          ids=os.path.basename)
 def test_cuda_sources_compile_standalone(source, tmp_path):
     """Plain nvcc, no torch include paths: proves the .cu files are torch-free and valid for sm_90."""
-    subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-c", source, "-o", str(tmp_path / "k.o")],
+    subprocess.run([NVCC, "-std=c++17", "-O3", "-arch=sm_90", *TORCH_NVCC_FLAGS, "-c", source,
+                    "-o", str(tmp_path / "k.o")], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(NVCC is None, reason="needs a GPU toolchain (nvcc)")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_contrastive_uses_tensor_cores_for_16_bit(arch, tmp_path):
+    """The fp16 and bf16 similarity tiles are WMMA matrix products with fp32 accumulators."""
+    ptx = tmp_path / "c.ptx"
+    source = os.path.join(ROOT, "csrc", "cuda", "contrastive.cu")
+    subprocess.run([NVCC, "-std=c++17", "-O3", f"-arch={arch}", *TORCH_NVCC_FLAGS, "-ptx", source, "-o", str(ptx)],
                    check=True, capture_output=True)
+    text = ptx.read_text()
+    assert "wmma.mma.sync.aligned.row.col.m16n16k16.f32.bf16.bf16.f32" in text
+    assert "wmma.mma.sync.aligned.row.col.m16n16k16.f32.f32" in text  # the fp16 form (f16 inputs, f32 accumulate)
+    # two kernels (forward, backward) per 16-bit dtype, none for fp32
+    assert text.count("wmma.mma.sync") == 4
 
 
 PERMUTE_SIG = {"video_ptr": "*u8", "index_ptr": "*i64", "flip_ptr": "*u8", "lut_ptr": "*fp32", "out_ptr": "*fp32",
