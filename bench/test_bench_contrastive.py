@@ -42,7 +42,7 @@ def bench(benchmark, provider, M, device, dtype):
         fn(z).backward()
         return z.grad
 
-    rounds = 3 if (device == "cpu" and M >= 8192) else 5
+    rounds = 5 if (device == "cpu" and M >= 16384) else 7
     run_timed(benchmark, step, device, rounds=rounds)
     if provider not in ("reference", "infcl"):
         assert K.last_backend("contrastive") == provider
