@@ -1,7 +1,8 @@
 """Peak memory of one NT-Xent forward+backward in a fresh process (printed in MB, beyond inputs).
 
     python bench/contrastive_memory.py PROVIDER M D DEVICE DTYPE
-CPU: growth of the peak resident set; CUDA: torch.cuda.max_memory_allocated beyond the inputs.
+CPU: growth of the peak resident set (VmHWM of this process's own address space: ru_maxrss would
+carry the parent's peak across fork + exec and hide the growth); CUDA: torch.cuda.max_memory_allocated beyond the inputs.
 Providers: reference (plain torch, full matrix), torch, cpu, triton, cuda, infcl.
 """
 import resource
@@ -24,11 +25,22 @@ def loss_fn(provider):
     return lambda z: K.nt_xent_loss(z, 0.07, backend=provider)
 
 
+def peak_rss_mb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):  # not Linux: ru_maxrss (kB on Linux, bytes on macOS)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
 def main():
     provider, M, D, device, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     dtype = getattr(torch, dtype)
     z = F.normalize(torch.randn(M, D, device=device), dim=1).to(dtype).requires_grad_()
     fn = loss_fn(provider)
+    # warm-up on a tiny batch: loads the extension, BLAS and thread pools before the baseline
+    fn(F.normalize(torch.randn(64, D, device=device), dim=1).to(dtype).requires_grad_()).backward()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -38,9 +50,9 @@ def main():
         extra = torch.cuda.max_memory_allocated() - base
         print(extra / 2**20)
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = peak_rss_mb()
         fn(z).backward()
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        print(peak_rss_mb() - base)
 
 
 if __name__ == "__main__":
