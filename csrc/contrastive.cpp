@@ -4,7 +4,7 @@
 // csrc/cpu/contrastive.cpp, and no rows x columns tensor ever exists. Parallel over row blocks (or
 // tile pairs) with OpenMP; BLAS inside a parallel region runs single-threaded.
 //
-//   lse_fwd(q (R,D), k (C,D), temperature, exclude_offset?) -> lse (R,)
+//   lse_fwd(q (R,D), k (C,D), temperature, exclude_offset?) -> lse (R,)  (q is k, offset 0: symmetric tiles)
 //   lse_bwd(q, k, lse, grad (R,), temperature, exclude_offset?, need_q, need_k) -> (dq, dk)
 //   lse_bwd_sym(z (M,D), lse (M,), grad (M,), temperature) -> dz     (q = k = z, self excluded)
 #include <torch/extension.h>
@@ -124,6 +124,64 @@ at::Tensor lse_fwd_cpu_impl(const at::Tensor& q, const at::Tensor& k, double tem
   return lse;
 }
 
+// SimCLR's case (q = k = z, self excluded): the similarity matrix is symmetric, so each tile pair
+// I <= J is multiplied once and serves the rows of I (tile rows) and the rows of J (tile columns,
+// through a transposed copy of the tile: a 512 x 512 copy against a 512 x 512 x D product). Each
+// thread keeps running (max, sum) for every row; the partials merge at the end. Half the BLAS work
+// of the row-block path; the same number of exponentials.
+template <typename T>
+at::Tensor lse_fwd_sym_cpu_impl(const at::Tensor& z, double temperature) {
+  const int64_t M = z.size(0);
+  const T scale = T(1.0 / temperature);
+  const int nt = num_threads();
+  const int64_t bs = std::min(M, kSymBlock);
+  const int64_t nb = (M + bs - 1) / bs;
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t j = i; j < nb; ++j) pairs.emplace_back(i, j);
+  std::vector<std::vector<T>> m(nt, std::vector<T>(M, -std::numeric_limits<T>::infinity()));
+  std::vector<std::vector<T>> l(nt, std::vector<T>(M, T(0)));
+  FirstError errors;
+#pragma omp parallel num_threads(nt)
+  {
+    auto tile_buf = at::empty({bs * bs}, z.options());
+    auto tile_t_buf = at::empty({bs * bs}, z.options());
+    const int tid = thread_id();
+#pragma omp for schedule(dynamic)
+    for (int64_t p = 0; p < (int64_t)pairs.size(); ++p) errors.run([&] {
+      const int64_t i0 = pairs[p].first * bs, j0 = pairs[p].second * bs;
+      const int64_t ni = std::min(bs, M - i0), nj = std::min(bs, M - j0);
+      auto tile = tile_buf.narrow(0, 0, ni * nj).view({ni, nj});
+      at::mm_out(tile, z.narrow(0, i0, ni), z.narrow(0, j0, nj).t());
+      const bool diag = i0 == j0;
+      cpu::lse_tile_update<T>(tile.data_ptr<T>(), nj, ni, nj, scale, diag, 0, m[tid].data() + i0,
+                              l[tid].data() + i0);
+      if (!diag) {
+        auto tile_t = tile_t_buf.narrow(0, 0, nj * ni).view({nj, ni});
+        tile_t.copy_(tile.t());
+        cpu::lse_tile_update<T>(tile_t.data_ptr<T>(), ni, nj, ni, scale, false, 0, m[tid].data() + j0,
+                                l[tid].data() + j0);
+      }
+    });
+  }
+  errors.rethrow();
+  auto lse = at::empty({M}, z.options());
+  T* lse_p = lse.data_ptr<T>();
+  for (int64_t r = 0; r < M; ++r) {
+    T mr = -std::numeric_limits<T>::infinity();
+    bool nan = false;
+    for (int t = 0; t < nt; ++t) {
+      nan |= std::isnan(m[t][r]) || std::isnan(l[t][r]);
+      mr = std::max(mr, m[t][r]);
+    }
+    T lr = 0;
+    if (mr != -std::numeric_limits<T>::infinity())
+      for (int t = 0; t < nt; ++t) lr += l[t][r] * std::exp(m[t][r] - mr);
+    lse_p[r] = nan ? std::numeric_limits<T>::quiet_NaN() : lr > 0 ? mr + std::log(lr) : mr;
+  }
+  return lse;
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> lse_bwd_cpu_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
                                                     const at::Tensor& grad, double temperature,
@@ -214,6 +272,10 @@ at::Tensor lse_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, double te
   const bool same = q_in.is_same(k_in);
   auto q = compute_view(q_in);
   auto k = same ? q : compute_view(k_in);
+  if (same && offset == 0 && q.size(0) > 0) {
+    if (q.scalar_type() == at::kDouble) return lse_fwd_sym_cpu_impl<double>(q, temperature);
+    return lse_fwd_sym_cpu_impl<float>(q, temperature);
+  }
   if (q.scalar_type() == at::kDouble) return lse_fwd_cpu_impl<double>(q, k, temperature, offset);
   return lse_fwd_cpu_impl<float>(q, k, temperature, offset);
 }

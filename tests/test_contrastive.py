@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import dualvar.kernels as K
 from conftest import cpu_backends, needs_gpu
 from dualvar.kernels import _aot, contrastive_triton
+from dualvar.kernels._ext import load_ext
 
 BACKENDS = cpu_backends()
 
@@ -142,6 +143,36 @@ def test_half_precision_error_within_twice_plain_torch(backend, dtype, gen):
     out, (g,) = grads_of(lambda x: K.nt_xent_loss(x, 0.05, backend=backend), (z.to(dtype), True))
     assert abs(out.item() - ref.item()) <= 2 * abs(plain.item() - ref.item()) + 1e-6
     assert (g.double() - gref).abs().max() <= 2 * (gplain.double() - gref).abs().max() + 1e-6
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_symmetric_tiles_over_many_blocks(threads, gen):
+    """The CPU forward multiplies each tile pair of SimCLR's symmetric matrix once (512-row tiles) and
+    merges per-thread row statistics; check it across several tiles with a ragged last tile, against
+    the float64 reference and against the row-block path (k a different tensor: no symmetry used)."""
+    load_ext()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        z = torch.randn(1302, 19, generator=gen, dtype=torch.float64)  # non-unit rows, 3 tiles, last ragged
+        sym = torch.ops.dualvar.lse_fwd(z, z, 0.2, 0)
+        rows = torch.ops.dualvar.lse_fwd(z, z.clone(), 0.2, 0)
+        s = z @ z.t() / 0.2
+        s.fill_diagonal_(float("-inf"))
+        ref = torch.logsumexp(s, dim=1)
+        assert (sym - ref).abs().max() < 1e-10 and (rows - ref).abs().max() < 1e-10
+        ref_loss, (gref,) = grads_of(lambda x: K.nt_xent_loss_reference(x, 0.2), (z, True))
+        out, (g,) = grads_of(lambda x: K.nt_xent_loss(x, 0.2, backend="cpu"), (z, True))
+        close(out, ref_loss, torch.float64)
+        close(g, gref, torch.float64)
+        z[1000, 3] = float("nan")  # a row of the third tile: its lse and the loss must be NaN, not dropped
+        lse = torch.ops.dualvar.lse_fwd(z, z, 0.2, 0)
+        assert torch.isnan(lse).all()  # every row sees the NaN column
+        assert torch.isnan(torch.ops.dualvar.lse_fwd(z, z.clone(), 0.2, 0)).all()  # row-block path too
+        assert torch.isnan(K.nt_xent_loss(z, 0.2, check_finite=False, backend="cpu"))
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

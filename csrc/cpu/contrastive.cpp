@@ -46,11 +46,18 @@ inline T neg_inf() {
 
 template <typename T>
 DUALVAR_CLONES void row_max_sum(const T* s, int64_t nc, T scale, int64_t skip, T* m_io, T* l_io) {
+  if (std::isnan(*m_io)) return;  // an earlier tile held a NaN: the row stays NaN
   T mx = neg_inf<T>();
-#pragma omp simd reduction(max : mx)
+  int64_t nans = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : nans)
   for (int64_t c = 0; c < nc; ++c) {
     const T v = c == skip ? neg_inf<T>() : s[c] * scale;
+    nans += v != v;
     mx = v > mx ? v : mx;
+  }
+  if (nans) {  // a max-reduction skips NaN: make it explicit so the row's lse is NaN, never finite
+    *m_io = *l_io = std::numeric_limits<T>::quiet_NaN();
+    return;
   }
   if (mx == neg_inf<T>()) return;  // every column excluded
   const T m_new = mx > *m_io ? mx : *m_io;
