@@ -163,6 +163,9 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const T* __restri
     __syncthreads();
     for (int i = 0; i < 4; ++i) {
       const float v = S[warp * 4 + i][lane];
+      // fmaxf drops NaN: make a NaN similarity stick to the row (all values here are warp-uniform)
+      if (__any_sync(0xffffffffu, v != v)) m[i] = l[i] = NAN;
+      if (m[i] != m[i]) continue;
       const float m_new = fmaxf(m[i], warp_max(v));
       if (m_new == -INFINITY) continue;
       const float e = v == -INFINITY ? 0.f : __expf(v - m_new);
