@@ -124,6 +124,33 @@ at::Tensor lse_fwd_cpu_impl(const at::Tensor& q, const at::Tensor& k, double tem
   return lse;
 }
 
+// body(tid, i0, ni, j0, nj, tile) for every tile pair I <= J of z z^T (square tiles of kSymBlock
+// rows), in parallel over pairs; tile = z[i0 : i0+ni] z[j0 : j0+nj]^T in a per-thread buffer.
+template <typename F>
+void for_each_symmetric_tile(const at::Tensor& z, int nt, F&& body) {
+  const int64_t M = z.size(0);
+  const int64_t bs = std::min(M, kSymBlock);
+  const int64_t nb = (M + bs - 1) / bs;
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t j = i; j < nb; ++j) pairs.emplace_back(i, j);
+  FirstError errors;
+#pragma omp parallel num_threads(nt)
+  {
+    auto tile_buf = at::empty({bs * bs}, z.options());
+    const int tid = thread_id();
+#pragma omp for schedule(dynamic)
+    for (int64_t p = 0; p < (int64_t)pairs.size(); ++p) errors.run([&] {
+      const int64_t i0 = pairs[p].first * bs, j0 = pairs[p].second * bs;
+      const int64_t ni = std::min(bs, M - i0), nj = std::min(bs, M - j0);
+      auto tile = tile_buf.narrow(0, 0, ni * nj).view({ni, nj});
+      at::mm_out(tile, z.narrow(0, i0, ni), z.narrow(0, j0, nj).t());
+      body(tid, i0, ni, j0, nj, tile);
+    });
+  }
+  errors.rethrow();
+}
+
 // SimCLR's case (q = k = z, self excluded): the similarity matrix is symmetric, so each tile pair
 // I <= J is multiplied once and serves the rows of I (tile rows) and the rows of J (tile columns,
 // through a transposed copy of the tile: a 512 x 512 copy against a 512 x 512 x D product). Each
@@ -134,37 +161,20 @@ at::Tensor lse_fwd_sym_cpu_impl(const at::Tensor& z, double temperature) {
   const int64_t M = z.size(0);
   const T scale = T(1.0 / temperature);
   const int nt = num_threads();
-  const int64_t bs = std::min(M, kSymBlock);
-  const int64_t nb = (M + bs - 1) / bs;
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (int64_t i = 0; i < nb; ++i)
-    for (int64_t j = i; j < nb; ++j) pairs.emplace_back(i, j);
   std::vector<std::vector<T>> m(nt, std::vector<T>(M, -std::numeric_limits<T>::infinity()));
   std::vector<std::vector<T>> l(nt, std::vector<T>(M, T(0)));
-  FirstError errors;
-#pragma omp parallel num_threads(nt)
-  {
-    auto tile_buf = at::empty({bs * bs}, z.options());
-    auto tile_t_buf = at::empty({bs * bs}, z.options());
-    const int tid = thread_id();
-#pragma omp for schedule(dynamic)
-    for (int64_t p = 0; p < (int64_t)pairs.size(); ++p) errors.run([&] {
-      const int64_t i0 = pairs[p].first * bs, j0 = pairs[p].second * bs;
-      const int64_t ni = std::min(bs, M - i0), nj = std::min(bs, M - j0);
-      auto tile = tile_buf.narrow(0, 0, ni * nj).view({ni, nj});
-      at::mm_out(tile, z.narrow(0, i0, ni), z.narrow(0, j0, nj).t());
-      const bool diag = i0 == j0;
-      cpu::lse_tile_update<T>(tile.data_ptr<T>(), nj, ni, nj, scale, diag, 0, m[tid].data() + i0,
-                              l[tid].data() + i0);
-      if (!diag) {
-        auto tile_t = tile_t_buf.narrow(0, 0, nj * ni).view({nj, ni});
-        tile_t.copy_(tile.t());
-        cpu::lse_tile_update<T>(tile_t.data_ptr<T>(), ni, nj, ni, scale, false, 0, m[tid].data() + j0,
-                                l[tid].data() + j0);
-      }
-    });
-  }
-  errors.rethrow();
+  std::vector<at::Tensor> transposed(nt);
+  for_each_symmetric_tile(z, nt, [&](int tid, int64_t i0, int64_t ni, int64_t j0, int64_t nj, at::Tensor& tile) {
+    const bool diag = i0 == j0;
+    cpu::lse_tile_update<T>(tile.data_ptr<T>(), nj, ni, nj, scale, diag, 0, m[tid].data() + i0,
+                            l[tid].data() + i0);
+    if (diag) return;
+    if (!transposed[tid].defined()) transposed[tid] = at::empty({kSymBlock * kSymBlock}, z.options());
+    auto tile_t = transposed[tid].narrow(0, 0, nj * ni).view({nj, ni});
+    tile_t.copy_(tile.t());
+    cpu::lse_tile_update<T>(tile_t.data_ptr<T>(), ni, nj, ni, scale, false, 0, m[tid].data() + j0,
+                            l[tid].data() + j0);
+  });
   auto lse = at::empty({M}, z.options());
   T* lse_p = lse.data_ptr<T>();
   for (int64_t r = 0; r < M; ++r) {
@@ -230,37 +240,18 @@ at::Tensor lse_bwd_sym_cpu_impl(const at::Tensor& z, const at::Tensor& lse, cons
                                 double temperature) {
   // dz_a = sum_b (G_ab + G_ba) z_b over tile pairs I <= J of the symmetric similarity matrix:
   // one tile product and one pair of updates serve both (I, J) and (J, I).
-  const int64_t M = z.size(0);
   const T scale = T(1.0 / temperature);
   const int nt = num_threads();
-  const int64_t bs = std::min(M, kSymBlock);
-  const int64_t nb = (M + bs - 1) / bs;
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (int64_t i = 0; i < nb; ++i)
-    for (int64_t j = i; j < nb; ++j) pairs.emplace_back(i, j);
   std::vector<at::Tensor> parts(nt);
   for (int t = 0; t < nt; ++t) parts[t] = at::zeros_like(z);
   const T* lse_p = lse.data_ptr<T>();
   const T* g_p = grad.data_ptr<T>();
-  FirstError errors;
-#pragma omp parallel num_threads(nt)
-  {
-    auto tile_buf = at::empty({bs * bs}, z.options());
-    const int tid = thread_id();
-#pragma omp for schedule(dynamic)
-    for (int64_t p = 0; p < (int64_t)pairs.size(); ++p) errors.run([&] {
-      const int64_t i0 = pairs[p].first * bs, j0 = pairs[p].second * bs;
-      const int64_t ni = std::min(bs, M - i0), nj = std::min(bs, M - j0);
-      auto zi = z.narrow(0, i0, ni), zj = z.narrow(0, j0, nj);
-      auto tile = tile_buf.narrow(0, 0, ni * nj).view({ni, nj});
-      at::mm_out(tile, zi, zj.t());
-      cpu::grad_tile_symmetric<T>(tile.data_ptr<T>(), nj, ni, nj, scale, i0 == j0, lse_p + i0, g_p + i0,
-                                  lse_p + j0, g_p + j0);
-      parts[tid].narrow(0, i0, ni).addmm_(tile, zj);
-      if (i0 != j0) parts[tid].narrow(0, j0, nj).addmm_(tile.t(), zi);
-    });
-  }
-  errors.rethrow();
+  for_each_symmetric_tile(z, nt, [&](int tid, int64_t i0, int64_t ni, int64_t j0, int64_t nj, at::Tensor& tile) {
+    cpu::grad_tile_symmetric<T>(tile.data_ptr<T>(), nj, ni, nj, scale, i0 == j0, lse_p + i0, g_p + i0, lse_p + j0,
+                                g_p + j0);
+    parts[tid].narrow(0, i0, ni).addmm_(tile, z.narrow(0, j0, nj));
+    if (i0 != j0) parts[tid].narrow(0, j0, nj).addmm_(tile.t(), z.narrow(0, i0, ni));
+  });
   for (int t = 1; t < nt; ++t) parts[0].add_(parts[t]);
   return parts[0];
 }
