@@ -30,9 +30,26 @@ SR_HD Acc sigmoid(Acc x) {
   return e / (Acc(1) + e);
 }
 
+// One ranking term x = (negative - positive) / theta. Forward (H == nullptr): adds its capped
+// softplus to loss. Backward: adds g = gscale * sigmoid(x) [x <= cap] to H[idx] and to neg (the
+// positive's total). Both track whether the positive still ranks first (ok).
+template <typename Acc>
+SR_HD void rank_term(Acc negative, Acc pos, Acc inv_theta, Acc cap, Acc gscale, Acc* H, int idx, Acc& loss,
+                     Acc& neg, bool& ok) {
+  const Acc x = (negative - pos) * inv_theta;
+  ok = ok && !(x > Acc(0));
+  if (H == nullptr) {
+    loss += capped_softplus(x, cap);
+  } else if (x <= cap) {
+    const Acc g = gscale * sigmoid(x);
+    H[idx] += g;
+    neg += g;
+  }
+}
+
 // One sample, one anchor set. Inputs (row-major s x s): Gaa = A A^T, Sap[i*s+j] = a_i . p_j,
 // Spp = P P^T (p_j = y_j / nu_j, stored order), sigma = perm row (slot of y_j).
-// Forward (Haa == nullptr): adds the sum of the capped softplus terms to *loss and the number of rows whose counterpart
+// Forward (Haa, Hap, Hpp all nullptr): adds the sum of the capped softplus terms to *loss and the number of rows whose counterpart
 // beats every negative (ties count as correct) to *correct. With Haa != nullptr also accumulates
 // dL/dS with g = gscale * sigmoid(x) [x <= cap]:  Haa += dL/dS_AA, Hap += dL/dS_AP, Hpp += dL/dS_PP.
 template <typename Acc>
@@ -54,25 +71,11 @@ SR_HD void rank_sample(int s, const Acc* Gaa, const Acc* Sap, const Acc* Spp, co
     bool ok = true;
     for (int k = 0; k < s; ++k) {
       if (k == i) continue;
-      const Acc x = (Gaa[i * s + k] - pos) * inv_theta;
-      if (!grad) l += capped_softplus(x, cap);  // the backward needs only the gradients
-      ok = ok && !(x > Acc(0));
-      if (grad && x <= cap) {
-        const Acc g = gscale * sigmoid(x);
-        Haa[i * s + k] += g;
-        neg += g;
-      }
+      rank_term(Gaa[i * s + k], pos, inv_theta, cap, gscale, Haa, i * s + k, l, neg, ok);
     }
     for (int j = 0; j < s; ++j) {
       if (j == cp[i]) continue;
-      const Acc x = (Sap[i * s + j] - pos) * inv_theta;
-      if (!grad) l += capped_softplus(x, cap);  // the backward needs only the gradients
-      ok = ok && !(x > Acc(0));
-      if (grad && x <= cap) {
-        const Acc g = gscale * sigmoid(x);
-        Hap[i * s + j] += g;
-        neg += g;
-      }
+      rank_term(Sap[i * s + j], pos, inv_theta, cap, gscale, Hap, i * s + j, l, neg, ok);
     }
     if (grad) Hap[i * s + cp[i]] -= neg;
     c += ok ? Acc(1) : Acc(0);
@@ -84,25 +87,11 @@ SR_HD void rank_sample(int s, const Acc* Gaa, const Acc* Sap, const Acc* Spp, co
     bool ok = true;
     for (int k = 0; k < s; ++k) {
       if (k == j) continue;
-      const Acc x = (Spp[j * s + k] - pos) * inv_theta;
-      if (!grad) l += capped_softplus(x, cap);  // the backward needs only the gradients
-      ok = ok && !(x > Acc(0));
-      if (grad && x <= cap) {
-        const Acc g = gscale * sigmoid(x);
-        Hpp[j * s + k] += g;
-        neg += g;
-      }
+      rank_term(Spp[j * s + k], pos, inv_theta, cap, gscale, Hpp, j * s + k, l, neg, ok);
     }
     for (int i = 0; i < s; ++i) {
       if (i == i0) continue;
-      const Acc x = (Sap[i * s + j] - pos) * inv_theta;
-      if (!grad) l += capped_softplus(x, cap);  // the backward needs only the gradients
-      ok = ok && !(x > Acc(0));
-      if (grad && x <= cap) {
-        const Acc g = gscale * sigmoid(x);
-        Hap[i * s + j] += g;
-        neg += g;
-      }
+      rank_term(Sap[i * s + j], pos, inv_theta, cap, gscale, Hap, i * s + j, l, neg, ok);
     }
     if (grad) Hap[i0 * s + j] -= neg;
     c += ok ? Acc(1) : Acc(0);
