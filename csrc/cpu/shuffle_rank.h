@@ -8,6 +8,8 @@
 
 #if defined(__CUDACC__)
 #define SR_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define SR_HD inline __attribute__((always_inline))
 #else
 #define SR_HD inline
 #endif
@@ -30,15 +32,15 @@ SR_HD Acc sigmoid(Acc x) {
   return e / (Acc(1) + e);
 }
 
-// One ranking term x = (negative - positive) / theta. Forward (H == nullptr): adds its capped
+// One ranking term x = (negative - positive) / theta. Forward (!grad): adds its capped
 // softplus to loss. Backward: adds g = gscale * sigmoid(x) [x <= cap] to H[idx] and to neg (the
 // positive's total). Both track whether the positive still ranks first (ok).
 template <typename Acc>
-SR_HD void rank_term(Acc negative, Acc pos, Acc inv_theta, Acc cap, Acc gscale, Acc* H, int idx, Acc& loss,
-                     Acc& neg, bool& ok) {
+SR_HD void rank_term(bool grad, Acc negative, Acc pos, Acc inv_theta, Acc cap, Acc gscale, Acc* H, int idx,
+                     Acc& loss, Acc& neg, bool& ok) {
   const Acc x = (negative - pos) * inv_theta;
   ok = ok && !(x > Acc(0));
-  if (H == nullptr) {
+  if (!grad) {
     loss += capped_softplus(x, cap);
   } else if (x <= cap) {
     const Acc g = gscale * sigmoid(x);
@@ -71,11 +73,11 @@ SR_HD void rank_sample(int s, const Acc* Gaa, const Acc* Sap, const Acc* Spp, co
     bool ok = true;
     for (int k = 0; k < s; ++k) {
       if (k == i) continue;
-      rank_term(Gaa[i * s + k], pos, inv_theta, cap, gscale, Haa, i * s + k, l, neg, ok);
+      rank_term(grad, Gaa[i * s + k], pos, inv_theta, cap, gscale, Haa, i * s + k, l, neg, ok);
     }
     for (int j = 0; j < s; ++j) {
       if (j == cp[i]) continue;
-      rank_term(Sap[i * s + j], pos, inv_theta, cap, gscale, Hap, i * s + j, l, neg, ok);
+      rank_term(grad, Sap[i * s + j], pos, inv_theta, cap, gscale, Hap, i * s + j, l, neg, ok);
     }
     if (grad) Hap[i * s + cp[i]] -= neg;
     c += ok ? Acc(1) : Acc(0);
@@ -87,11 +89,11 @@ SR_HD void rank_sample(int s, const Acc* Gaa, const Acc* Sap, const Acc* Spp, co
     bool ok = true;
     for (int k = 0; k < s; ++k) {
       if (k == j) continue;
-      rank_term(Spp[j * s + k], pos, inv_theta, cap, gscale, Hpp, j * s + k, l, neg, ok);
+      rank_term(grad, Spp[j * s + k], pos, inv_theta, cap, gscale, Hpp, j * s + k, l, neg, ok);
     }
     for (int i = 0; i < s; ++i) {
       if (i == i0) continue;
-      rank_term(Sap[i * s + j], pos, inv_theta, cap, gscale, Hap, i * s + j, l, neg, ok);
+      rank_term(grad, Sap[i * s + j], pos, inv_theta, cap, gscale, Hap, i * s + j, l, neg, ok);
     }
     if (grad) Hap[i0 * s + j] -= neg;
     c += ok ? Acc(1) : Acc(0);
