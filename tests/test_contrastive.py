@@ -3,7 +3,6 @@ and gradients, over odd shapes and all variants; numerics; memory; AOT compilati
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -226,29 +225,14 @@ def test_chunked_torch_fallback_never_builds_full_matrix(gen, monkeypatch):
     close(g, gref, torch.float64)
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import sys, torch, dualvar.kernels as K
-    M, D, backend = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-
-    def hwm_mb():  # peak RSS of this address space (ru_maxrss would carry pytest's peak across exec)
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
-
-    def step(z):
-        loss = K.nt_xent_loss_reference(z, 0.07) if backend == "reference" else K.nt_xent_loss(z, 0.07, backend=backend)
-        loss.backward()
-
-    step(torch.nn.functional.normalize(torch.randn(64, D), dim=1).requires_grad_())  # load libraries first
-    z = torch.nn.functional.normalize(torch.randn(M, D), dim=1).requires_grad_()
-    base = hwm_mb()
-    step(z)
-    print(hwm_mb() - base)
-""")
+# the benchmark's probe: one step in a fresh process, growth of its own peak RSS after a warm-up
+MEMORY_PROBE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                            "contrastive_memory.py")
 
 
 def peak_extra_mb(M, D, backend):
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(M), str(D), backend], capture_output=True,
-                         text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    out = subprocess.run([sys.executable, MEMORY_PROBE, backend, str(M), str(D), "cpu", "float32"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     return float(out.stdout.strip().splitlines()[-1])
 
 
