@@ -70,6 +70,7 @@ at::Tensor permute_frames_cpu(const at::Tensor& video_in, const at::Tensor& inde
                   ", outside [0, ", s.T, ")");
   }
   auto out = at::empty({s.B, s.C, s.T_out, s.H, s.W}, video.options().dtype(lut.scalar_type()));
+  cpu::advise_huge_pages(out.data_ptr(), out.nbytes());
   const int64_t rows = s.B * s.T_out * s.H;
   const uint8_t* flip_ptr = hflip.defined() ? hflip.data_ptr<uint8_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.W * s.C));

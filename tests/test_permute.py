@@ -1,4 +1,6 @@
 """permute_frames: reference vs a literal loop, every backend vs the reference, index maps, errors."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,48 @@ def test_auto_picks_compiled_cpu_kernel(gen):
     video, index, hflip = make(2, 3, 4, 5, 3, 3, gen)
     K.permute_frames(video, index, MEAN, STD, hflip=hflip)
     assert K.last_backend("permute_frames") == "cpu"
+
+
+def _anon_huge_kib(t):
+    """AnonHugePages (KiB) summed over the /proc/self/smaps mappings that overlap t's memory."""
+    begin, end = t.data_ptr(), t.data_ptr() + t.nbytes
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo < end and hi > begin
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1])
+    return total
+
+
+def _thp_mode():
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def test_cpu_output_backed_by_huge_pages(gen):
+    """The cpu kernel advises huge pages for its fresh output (37,000 4 KiB faults cost more than
+    the permutation at 16x16x224x224); a plain torch.empty of the same size is the control."""
+    # 38.5 MB of output: above glibc's largest mmap threshold (32 MiB), so it is fresh memory, not
+    # a reused (already touched) heap chunk, whose pages stay as they are.
+    video = torch.randint(0, 256, (8, 8, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    index = torch.randint(0, 8, (8, 8), generator=gen)
+    out = K.permute_frames(video, index, MEAN, STD, backend="cpu")
+    assert torch.equal(out, K.permute_frames_reference(video, index, MEAN, STD))
+    mode = _thp_mode()
+    if mode == "never":
+        assert _anon_huge_kib(out) == 0
+        return
+    assert _anon_huge_kib(out) >= 2048, "cpu permute_frames output got no huge page"
+    if mode == "madvise" and os.environ.get("THP_MEM_ALLOC_ENABLE", "0") != "1":
+        plain = torch.empty_like(out).fill_(1.0)
+        assert _anon_huge_kib(plain) == 0
 
 
 def test_index_maps(gen):
