@@ -39,7 +39,7 @@ demo: build
 	else echo 'make demo: the demo arrives with the demo issue; not built yet'; exit 1; fi
 
 bench: build
-	THP_MEM_ALLOC_ENABLE=1 $(PY) -m pytest bench -q --benchmark-only --benchmark-columns=median,iqr,min,rounds $(PYTEST_ARGS)
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-columns=median,iqr,min,rounds $(PYTEST_ARGS)
 
 # Third-party anchors for the GPU benchmark, carried to the GPU machine (which has no network).
 bench-vendor:
