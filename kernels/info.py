@@ -10,6 +10,16 @@ from ._dispatch import available_backends
 from ._ext import build_info, load_triton
 
 
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode (always / madvise / never), or why it is unknown."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+        return text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return "unknown (no /sys/kernel/mm/transparent_hugepage)"
+
+
 def report() -> str:
     lines = [
         f"python        {platform.python_version()} ({platform.machine()})",
@@ -34,6 +44,8 @@ def report() -> str:
             lines.append("build         no record (kernels/_build_config.py missing)")
     else:
         lines.append(f"extension     not built: {info['reason']}")
+    lines.append(f"huge pages    THP {thp_mode()}; cpu permute_frames output advice "
+                 f"{'off (DUALVAR_HUGEPAGES=0)' if os.environ.get('DUALVAR_HUGEPAGES') == '0' else 'on'}")
     lines.append(f"DUALVAR_BACKEND={os.environ.get('DUALVAR_BACKEND', '(unset: auto)')}")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         for backend, reason in available_backends(dev).items():
