@@ -1,5 +1,7 @@
 """permute_frames: reference vs a literal loop, every backend vs the reference, index maps, errors."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -96,23 +98,43 @@ def _anon_huge_kib(t):
     return total
 
 
-def test_cpu_output_backed_by_huge_pages(gen):
+_HUGE_PROBE = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import dualvar.kernels as K
+from test_permute import _anon_huge_kib
+g = torch.Generator().manual_seed(0)
+# 38.5 MB of output: above glibc's largest mmap threshold (32 MiB), so it is fresh memory, not a
+# reused (already touched) heap chunk, whose pages stay as they are.
+video = torch.randint(0, 256, (8, 8, 224, 224, 3), dtype=torch.uint8, generator=g)
+index = torch.randint(0, 8, (8, 8), generator=g)
+out = K.permute_frames(video, index, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2), backend="cpu")
+assert torch.equal(out, K.permute_frames_reference(video, index, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)))
+print(_anon_huge_kib(out))
+"""
+
+
+def _huge_kib_in_fresh_process(advice: bool) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env["DUALVAR_HUGEPAGES"] = "1" if advice else "0"
+    code = _HUGE_PROBE.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split()[-1])
+
+
+def test_cpu_output_backed_by_huge_pages():
     """The cpu kernel advises huge pages for its fresh output (37,000 4 KiB faults cost more than
-    the permutation at 16x16x224x224); a plain torch.empty of the same size is the control."""
-    # 38.5 MB of output: above glibc's largest mmap threshold (32 MiB), so it is fresh memory, not
-    # a reused (already touched) heap chunk, whose pages stay as they are.
-    video = torch.randint(0, 256, (8, 8, 224, 224, 3), dtype=torch.uint8, generator=gen)
-    index = torch.randint(0, 8, (8, 8), generator=gen)
-    out = K.permute_frames(video, index, MEAN, STD, backend="cpu")
-    assert torch.equal(out, K.permute_frames_reference(video, index, MEAN, STD))
+    the permutation at 16x16x224x224); with the advice off (DUALVAR_HUGEPAGES=0) the same output
+    gets none. Fresh processes, so no earlier test's memory is in play."""
     mode = thp_mode()
+    with_advice = _huge_kib_in_fresh_process(True)
     if mode not in ("always", "madvise"):  # never, or no THP in this kernel
-        assert _anon_huge_kib(out) == 0
+        assert with_advice == 0
         return
-    assert _anon_huge_kib(out) >= 2048, "cpu permute_frames output got no huge page"
-    if mode == "madvise" and os.environ.get("THP_MEM_ALLOC_ENABLE", "0") != "1":
-        plain = torch.empty_like(out).fill_(1.0)
-        assert _anon_huge_kib(plain) == 0
+    assert with_advice >= 2048, "cpu permute_frames output got no huge page"
+    if mode == "madvise":
+        assert _huge_kib_in_fresh_process(False) == 0
 
 
 def test_index_maps(gen):
