@@ -269,9 +269,11 @@ def nt_xent_loss(z: torch.Tensor, temperature: float = 0.07, *, n_views: int = 2
     if n_views < 2 or z.shape[0] % n_views:
         raise ValueError(f"z has {z.shape[0]} rows, which is not n_views={n_views} (>= 2) views of N clips")
     N = z.shape[0] // n_views
-    zv = z.view(n_views, N, -1)
+    # The positive logit in the accumulation dtype, like the kernels' lse: in 16 bits the two would not
+    # cancel where they should (a row whose only other column is its positive has loss exactly 0).
+    zv = z.to(_acc_dtype(z)).view(n_views, N, -1)
     others = (zv.sum(0, keepdim=True) - zv) / (n_views - 1)
-    pos = (zv * others).sum(-1).reshape(-1).to(_acc_dtype(z)) / temperature
+    pos = (zv * others).sum(-1).reshape(-1) / temperature
     rank, world = _rank_world(distributed)
     if world > 1:
         cols = gather_rows(z, local_grad_only=reference_ddp)
@@ -294,7 +296,7 @@ def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor
     _check_temperature(temperature)
     if k.shape != q.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
-    pos = (q * k).sum(-1).to(_acc_dtype(q)) / temperature
+    pos = (q.to(_acc_dtype(q)) * k.to(_acc_dtype(q))).sum(-1) / temperature
     if queue is not None:
         _check_features("queue", queue, check_finite)
         if queue.shape[1] != q.shape[1]:
