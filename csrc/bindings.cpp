@@ -4,6 +4,8 @@
 // torch headers costs about a minute of build time on 2 cores, so keep them few. Kernels live in csrc/cpu/*.cpp and csrc/cuda/*.cu
 // and see only raw pointers. Ops are registered with torch's dispatcher (namespace `dualvar`)
 // under CPU and CUDA keys; autograd wrappers live in Python (dualvar/kernels/*.py).
+#include <algorithm>
+
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -54,6 +56,12 @@ PermuteShape check_permute(const at::Tensor& video, const at::Tensor& frame_inde
   return {video.size(0), video.size(1), frame_index.size(1), video.size(2), video.size(3), C};
 }
 
+// IndexError in Python, the message the Python-side check gives for the other backends.
+void check_index_range(int64_t lo, int64_t hi, int64_t T) {
+  TORCH_CHECK_INDEX(lo >= 0 && hi < T, "permute_frames: frame_index holds values in [", lo, ", ", hi,
+                    "], outside [0, ", T, "): video has ", T, " frames");
+}
+
 at::Tensor permute_frames_cpu(const at::Tensor& video_in, const at::Tensor& index_in, const at::Tensor& lut_in,
                               const c10::optional<at::Tensor>& hflip_in) {
   const auto s = check_permute(video_in, index_in, lut_in, hflip_in);
@@ -62,12 +70,9 @@ at::Tensor permute_frames_cpu(const at::Tensor& video_in, const at::Tensor& inde
   auto lut = lut_in.contiguous();
   at::Tensor hflip;
   if (hflip_in.has_value()) hflip = hflip_in->contiguous().view(at::kByte);
-  {
-    // Cheap on the CPU (B*T' values) and it keeps the kernel from reading out of bounds.
+  if (index.numel() > 0) {  // B*T' values on the host; keeps the kernel from reading out of bounds
     auto idx = index.data_ptr<int64_t>();
-    for (int64_t i = 0; i < index.numel(); ++i)
-      TORCH_CHECK(idx[i] >= 0 && idx[i] < s.T, "permute_frames: frame_index holds ", idx[i],
-                  ", outside [0, ", s.T, ")");
+    check_index_range(*std::min_element(idx, idx + index.numel()), *std::max_element(idx, idx + index.numel()), s.T);
   }
   auto out = at::empty({s.B, s.C, s.T_out, s.H, s.W}, video.options().dtype(lut.scalar_type()));
   cpu::advise_huge_pages(out.data_ptr(), out.nbytes());
@@ -91,6 +96,10 @@ at::Tensor permute_frames_cuda(const at::Tensor& video_in, const at::Tensor& ind
   auto lut = lut_in.contiguous();
   at::Tensor hflip;
   if (hflip_in.has_value()) hflip = hflip_in->contiguous().view(at::kByte);
+  if (index.numel() > 0) {  // one device sync: an out-of-range index would be a sticky illegal address
+    const auto range = at::stack({at::amin(index), at::amax(index)}).cpu();
+    check_index_range(range[0].item<int64_t>(), range[1].item<int64_t>(), s.T);
+  }
   auto out = at::empty({s.B, s.C, s.T_out, s.H, s.W}, video.options().dtype(lut.scalar_type()));
   const uint8_t* flip_ptr = hflip.defined() ? hflip.data_ptr<uint8_t>() : nullptr;
   check_launch(cuda::permute_frames(video.data_ptr<uint8_t>(), index.data_ptr<int64_t>(), flip_ptr, lut.data_ptr(),

@@ -118,10 +118,6 @@ def _check(video, frame_index, mean, std, out_dtype, hflip):
         raise TypeError(f"frame_index must be int64, got {frame_index.dtype}")
     if frame_index.device != video.device:
         raise ValueError(f"frame_index is on {frame_index.device} but video is on {video.device}")
-    if frame_index.numel():
-        lo, hi = int(frame_index.min()), int(frame_index.max())  # one sync on CUDA
-        if lo < 0 or hi >= T:
-            raise IndexError(f"frame_index holds values in [{lo}, {hi}] but video has {T} frames")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     for name, v in (("mean", mean), ("std", std)):
@@ -136,6 +132,16 @@ def _check(video, frame_index, mean, std, out_dtype, hflip):
             raise ValueError(f"hflip must be a bool tensor of shape ({B},)")
         if hflip.device != video.device:
             raise ValueError(f"hflip is on {hflip.device} but video is on {video.device}")
+
+
+def _check_range(frame_index, frames):
+    """Index range, for the backends whose op does not check it itself (the compiled cpu and cuda
+    ops raise the same IndexError; one device sync either way)."""
+    if frame_index.numel():
+        lo, hi = torch.stack(torch.aminmax(frame_index)).tolist()
+        if lo < 0 or hi >= frames:
+            raise IndexError(f"permute_frames: frame_index holds values in [{lo}, {hi}], outside [0, {frames}): "
+                             f"video has {frames} frames")
 
 
 @functools.lru_cache(maxsize=64)
@@ -244,5 +250,7 @@ def permute_frames(video: torch.Tensor, frame_index: torch.Tensor, mean: Stats, 
     """
     _check(video, frame_index, mean, std, out_dtype, hflip)
     chosen = select("permute_frames", _IMPLS, video.device, backend)
+    if chosen not in ("cpu", "cuda"):
+        _check_range(frame_index, video.shape[1])
     lut = normalization_lut(mean, std, out_dtype, video.device)
     return _IMPLS[chosen](video, frame_index, lut, mean, std, out_dtype, hflip)

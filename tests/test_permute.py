@@ -206,7 +206,7 @@ def test_compiled_op_checks_inputs_itself(gen):
     """The C++ op validates too (callers of torch.ops.dualvar.* skip the Python checks)."""
     video, index, _ = make(2, 5, 4, 4, 3, 3, gen, flip=False)
     lut = K.normalization_lut(MEAN, STD, torch.float32, video.device)
-    with pytest.raises(RuntimeError, match="outside"):
+    with pytest.raises(IndexError, match=r"\[10, \d+\], outside \[0, 5\)"):
         torch.ops.dualvar.permute_frames(video, index + 10, lut, None)
     with pytest.raises(RuntimeError, match="lut must be"):
         torch.ops.dualvar.permute_frames(video, index, lut[:2], None)
@@ -219,11 +219,27 @@ def test_compiled_op_checks_inputs_itself(gen):
 @pytest.mark.parametrize("flip", [False, True])
 def test_gpu_backends_equal_reference(backend, out_dtype, flip, gen):
     video, index, hflip = make(3, 7, 13, 17, 3, 5, gen, flip)
+    video, index, hflip = video.cuda(), index.cuda(), hflip.cuda() if flip else None
+    # The reference on the same device: CUDA's x / 255 is x * (1/255), 1 ulp from the CPU's division
+    # in a third of the float32 table entries; the kernels' table is built on the device too.
     ref = K.permute_frames_reference(video, index, MEAN, STD, out_dtype=out_dtype, hflip=hflip)
-    out = K.permute_frames(video.cuda(), index.cuda(), MEAN, STD, out_dtype=out_dtype,
-                           hflip=hflip.cuda() if flip else None, backend=backend)
+    out = K.permute_frames(video, index, MEAN, STD, out_dtype=out_dtype, hflip=hflip, backend=backend)
     assert K.last_backend("permute_frames") == backend
-    assert torch.equal(out.cpu(), ref)
+    assert torch.equal(out, ref)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_compiled_op_checks_index_range(gen):
+    """An out-of-range index through torch.ops is an IndexError, not an illegal address that would
+    break the CUDA context for the rest of the process."""
+    video, index, _ = make(2, 5, 4, 4, 3, 3, gen, flip=False)
+    video, index = video.cuda(), index.cuda()
+    lut = K.normalization_lut(MEAN, STD, torch.float32, video.device)
+    with pytest.raises(IndexError, match=r"outside \[0, 5\)"):
+        torch.ops.dualvar.permute_frames(video, index + 10, lut, None)
+    ref = K.permute_frames_reference(video, index, MEAN, STD)
+    assert torch.equal(torch.ops.dualvar.permute_frames(video, index, lut, None), ref)
 
 
 def test_explicit_gpu_backend_on_cpu_tensors_raises(gen):

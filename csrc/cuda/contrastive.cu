@@ -252,7 +252,7 @@ template <typename T>
 cudaError_t backward_t(const void* x, const void* y, const float* lse_r, const float* g_r, const float* lse_c,
                        const float* g_c, float* out, int64_t R, int64_t C, int64_t D, int64_t sx, int64_t sy,
                        float scale, bool has_offset, int64_t offset, cudaStream_t s) {
-  if (R == 0) return cudaSuccess;
+  if (R == 0 || D == 0) return cudaSuccess;  // nothing to write; D = 0 would be an empty grid
   dim3 grid((unsigned)((R + kTile - 1) / kTile), (unsigned)((D + kOutChunk - 1) / kOutChunk));
   lse_backward_kernel<T><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<const T*>(y), lse_r, g_r,
                                                    lse_c, g_c, out, R, C, D, sx, sy, scale, has_offset, offset);
