@@ -1,13 +1,38 @@
 #!/usr/bin/env bash
 # One prepared GPU check (`make gpu-check`), for a lent GPU machine with no network: builds the
 # extension in place with that machine's python3/torch, runs the GPU tests and the GPU benchmarks,
-# and writes everything under $OUT (default bench/results/gpu-<date>). Budget: under 8 minutes.
+# and writes everything under $OUT (default bench/results/gpu-<date>). Budget: under 8 minutes, kept
+# by giving each stage at most what is left of it; every stage's exit status goes to status.txt and
+# the script exits non-zero if any stage failed. Carry bench/vendor (the Inf-CL wheel) to the machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1  # no network there: never let pip try
+t0=$(date +%s)
+rc=0
+: > "$OUT/status.txt"
+
+# stage NAME CAP_S COMMAND...: runs COMMAND under min(CAP_S, time left), records its exit status.
+stage() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - t0) ))
+  (( left < cap )) && cap=$left
+  if (( cap < 10 )); then
+    echo "$name: not run (budget spent)" | tee -a "$OUT/status.txt"; rc=1; return 1
+  fi
+  local s=$(date +%s)
+  timeout "$cap" "$@"
+  local st=$?
+  echo "$name: exit $st in $(( $(date +%s) - s )) s (limit $cap s)$([ $st = 124 ] && echo ', TIMED OUT')" \
+    | tee -a "$OUT/status.txt"
+  (( st != 0 )) && rc=1
+  return $st
+}
+
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
@@ -17,22 +42,32 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-t0=$(date +%s)
-timeout 300 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-  || { echo "BUILD FAILED (see build.log)"; tail -30 "$OUT/build.log"; }
-echo "build: $(( $(date +%s) - t0 )) s"
-$PY -m dualvar.kernels.info | tee "$OUT/info.txt"
+if ! stage build 200 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  echo "BUILD FAILED (see build.log); stopping"; tail -30 "$OUT/build.log"; exit 1
+fi
+stage info 30 $PY -m dualvar.kernels.info > "$OUT/info.txt" 2>&1
+cat "$OUT/info.txt"
+# Without a visible GPU every gpu test skips and pytest exits 0: fail here instead.
+stage cuda_visible 30 $PY -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" \
+  >> "$OUT/info.txt" 2>&1
 
 # Inf-CL, the anchor of the contrastive benchmark: its wheel travels in bench/vendor/ (`make bench-vendor`
-# downloads it; the GPU machine has no network). Pure Python on Triton, so no build.
+# downloads it). Pure Python on Triton, so no build.
 if ls bench/vendor/inf_cl-*.whl >/dev/null 2>&1; then
-  $PY -m pip install --no-deps --no-index bench/vendor/inf_cl-*.whl > "$OUT/infcl_install.log" 2>&1 || echo "inf-cl install failed"
+  stage infcl 60 $PY -m pip install --no-deps --no-index bench/vendor/inf_cl-*.whl > "$OUT/infcl_install.log" 2>&1
 else
-  echo "no bench/vendor/inf_cl-*.whl: the Inf-CL comparison will be left out"
+  echo "no bench/vendor/inf_cl-*.whl: the Inf-CL comparison will be left out" | tee -a "$OUT/status.txt"
 fi
 
-# GPU tests first (correctness), then the benchmark table.
-timeout 150 $PY -m pytest tests -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
-timeout 240 $PY -m pytest bench -q --benchmark-only -k "cuda" -p no:cacheprovider \
-  --benchmark-columns=median,iqr,min,rounds --benchmark-json="$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" | tail -40
-echo "total: $(( $(date +%s) - t0 )) s; results in $OUT"
+# GPU tests first (correctness), then the benchmarks, one file at a time so that a timeout in one
+# keeps the others' JSON.
+stage gpu_tests 150 $PY -m pytest tests -q -m gpu -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+tail -15 "$OUT/gpu_tests.txt"
+for b in permute shuffle_rank contrastive; do
+  stage "bench_$b" 150 $PY -m pytest "bench/test_bench_$b.py" -q --benchmark-only -k cuda -p no:cacheprovider \
+    --benchmark-columns=median,iqr,min,rounds --benchmark-json="$OUT/bench_$b.json" > "$OUT/bench_$b.txt" 2>&1
+  tail -20 "$OUT/bench_$b.txt"
+done
+echo "total: $(( $(date +%s) - t0 )) s; results in $OUT; overall exit $rc"
+cat "$OUT/status.txt"
+exit $rc
