@@ -72,7 +72,8 @@ at::Tensor permute_frames_cpu(const at::Tensor& video_in, const at::Tensor& inde
   if (hflip_in.has_value()) hflip = hflip_in->contiguous().view(at::kByte);
   if (index.numel() > 0) {  // B*T' values on the host; keeps the kernel from reading out of bounds
     auto idx = index.data_ptr<int64_t>();
-    check_index_range(*std::min_element(idx, idx + index.numel()), *std::max_element(idx, idx + index.numel()), s.T);
+    const auto [lo, hi] = std::minmax_element(idx, idx + index.numel());
+    check_index_range(*lo, *hi, s.T);
   }
   auto out = at::empty({s.B, s.C, s.T_out, s.H, s.W}, video.options().dtype(lut.scalar_type()));
   cpu::advise_huge_pages(out.data_ptr(), out.nbytes());
@@ -97,7 +98,8 @@ at::Tensor permute_frames_cuda(const at::Tensor& video_in, const at::Tensor& ind
   at::Tensor hflip;
   if (hflip_in.has_value()) hflip = hflip_in->contiguous().view(at::kByte);
   if (index.numel() > 0) {  // one device sync: an out-of-range index would be a sticky illegal address
-    const auto range = at::stack({at::amin(index), at::amax(index)}).cpu();
+    const auto [lo, hi] = at::aminmax(index);
+    const auto range = at::stack({lo, hi}).cpu();
     check_index_range(range[0].item<int64_t>(), range[1].item<int64_t>(), s.T);
   }
   auto out = at::empty({s.B, s.C, s.T_out, s.H, s.W}, video.options().dtype(lut.scalar_type()));

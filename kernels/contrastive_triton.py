@@ -157,7 +157,8 @@ def _half_scale(g_r, g_c, tau):
     unscaled, H ~ g / (tau M) sinks into subnormals (< 6.1e-5) at large M or a small loss weight, and a
     loss-scaled g (AMP's GradScaler) overflows 65504 at small M. Scaling g by a power of two is exact
     and is undone on the float32 output."""
-    gmax = torch.stack([g.abs().amax() for g in (g_r, g_c) if g is not None]).amax()
+    gs = [g for g in ((g_r,) if g_c is g_r else (g_r, g_c)) if g is not None]
+    gmax = torch.stack([g.abs().amax() for g in gs]).amax()
     return torch.exp2(torch.floor(torch.log2(2.0 ** 14 * tau / (2 * gmax)))).clamp(2.0 ** -60, 2.0 ** 60)
 
 
@@ -168,8 +169,9 @@ def _bwd(x, y, lse_r, g_r, lse_c, g_c, tau, offset):
     out = torch.empty((R, D), dtype=torch.float32, device=x.device)
     hs = _half_scale(g_r, g_c, tau) if x.dtype == torch.float16 else None
     if hs is not None:
+        same = g_c is g_r  # SimCLR passes one g as both terms: scale it once
         g_r = None if g_r is None else g_r * hs
-        g_c = None if g_c is None else g_c * hs
+        g_c = g_r if same else (None if g_c is None else g_c * hs)
     dummy = lse_r if lse_r is not None else lse_c
     grid = (triton.cdiv(R, cfg["BLOCK_M"]), cfg["D_CHUNKS"])
     _lse_bwd_kernel[grid](x, y, lse_r if lse_r is not None else dummy, g_r if g_r is not None else dummy,
