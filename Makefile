@@ -4,14 +4,15 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 MAX_JOBS   ?= 2
+RUFF_SPEC  ?= ruff==0.17.6
 CUDA_HOME  ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 PY         := $(VENV)/bin/python
 PYTEST_ARGS ?=
-SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+SOURCES    := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
 export MAX_JOBS CUDA_HOME
 
-.PHONY: all build test demo bench bench-vendor gpu-check info clean
+.PHONY: all build lint test demo bench bench-vendor gpu-check info clean
 
 all: test
 
@@ -19,7 +20,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet setuptools wheel ninja pytest pytest-benchmark numpy decord av pyyaml tqdm safetensors tensorboard
+	$(PY) -m pip install --quiet setuptools wheel ninja pytest pytest-benchmark numpy decord av pyyaml tqdm safetensors tensorboard matplotlib $(RUFF_SPEC)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
@@ -31,7 +32,11 @@ build: $(VENV)/.built
 info: build
 	$(VENV)/bin/dualvar info
 
-test: build
+# The linter (rules in pyproject.toml) runs before the tests: `make test` fails on a lint error.
+lint: $(VENV)/.deps
+	$(PY) -m ruff check .
+
+test: build lint
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 demo: build

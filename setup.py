@@ -47,7 +47,8 @@ def _ext_modules():
     import torch
     from torch.utils import cpp_extension
 
-    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # csrc/<op>.cpp + csrc/module.cpp (torch-facing), csrc/cpu and csrc/common (plain C++), csrc/cuda (.cu)
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/common/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     cuda_home = cpp_extension.CUDA_HOME
     want_cuda = not _flag("DUALVAR_SKIP_CUDA") and (
@@ -67,7 +68,8 @@ def _ext_modules():
             extra_compile_args={"cxx": cxx + ["-DDUALVAR_WITH_CUDA"], "nvcc": nvcc},
             extra_link_args=omp,
         )
-        built = f"C++ CPU kernels + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (CUDA_HOME={cuda_home})"
+        built = (f"C++ CPU kernels + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} "
+                 f"(CUDA_HOME={cuda_home})")
     else:
         ext = cpp_extension.CppExtension(
             "dualvar.kernels._C",

@@ -1,58 +1,71 @@
-"""Peak memory of one NT-Xent forward+backward in a fresh process (printed in MB, beyond inputs).
+"""Peak memory of one NT-Xent step in a fresh process (printed in MB, beyond inputs).
 
-    python bench/contrastive_memory.py PROVIDER M D DEVICE DTYPE
-CPU: growth of the peak resident set (VmHWM of this process's own address space: ru_maxrss would
-carry the parent's peak across fork + exec and hide the growth); CUDA: torch.cuda.max_memory_allocated beyond the inputs.
-Providers: reference (plain torch, full matrix), torch, cpu, triton, cuda, infcl.
+    python bench/contrastive_memory.py PROVIDER M D DEVICE DTYPE [PHASE]
+PHASE: forward (the loss with its graph), backward (the backward of a forward run before the
+measurement starts) or forward+backward (default). CPU: the process's peak resident set over the step
+(VmHWM, reset before it); CUDA: torch.cuda.max_memory_allocated beyond what exists before it
+(bench_helpers.measure_peak_mb). Providers: reference (plain torch, full matrix), torch, cpu, triton,
+cuda, infcl.
 """
-import resource
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_helpers import measure_peak_mb  # noqa: E402
+
+TAU = 0.07
+
 
 def loss_fn(provider):
     import dualvar.kernels as K
     if provider == "reference":
-        return lambda z: K.nt_xent_loss_reference(z, 0.07)
+        return lambda z: K.nt_xent_loss_reference(z, TAU)
     if provider == "infcl":
         from inf_cl import cal_flash_loss
+
         def infcl(z):  # cross-view InfoNCE (the form Inf-CL supports): view 0 rows vs view 1 columns
             q, k = z.chunk(2)
-            return cal_flash_loss(q, k, scale=1 / 0.07, head_dim=z.shape[1]).mean()
+            return cal_flash_loss(q, k, scale=1 / TAU, head_dim=z.shape[1]).mean()
         return infcl
-    return lambda z: K.nt_xent_loss(z, 0.07, backend=provider)
+    return lambda z: K.nt_xent_loss(z, TAU, backend=provider)
 
 
-def peak_rss_mb():
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):  # not Linux: ru_maxrss (kB on Linux, bytes on macOS)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+def embeddings(M, D, device, dtype, seed=None):
+    """(M, D) unit rows of `dtype` (a torch dtype or its name), drawn on `device`."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    g = torch.Generator(device=device).manual_seed(M if seed is None else seed)
+    return F.normalize(torch.randn(M, D, device=device, generator=g), dim=1).to(dtype)
+
+
+def phase_fns(provider, z0, phase):
+    """(setup, step) of one phase: setup() -> args (untimed; a fresh leaf, and the loss for backward)."""
+    fn = loss_fn(provider)
+    if phase == "forward":
+        return (lambda: (z0.detach().requires_grad_(),)), (lambda z: fn(z))
+    if phase == "backward":
+        def setup():
+            z = z0.detach().requires_grad_()
+            return fn(z), z
+        return setup, (lambda loss, z: loss.backward())
+    if phase == "forward+backward":
+        return (lambda: (z0.detach().requires_grad_(),)), (lambda z: fn(z).backward())
+    raise ValueError(f"phase must be one of forward, backward, forward+backward; got {phase!r}")
+
+
+def factory(provider, M, D, device, dtype, phase="forward+backward"):
+    """For bench_helpers.measure_peak_mb: (setup, step, device, warmup)."""
+    setup, step = phase_fns(provider, embeddings(M, D, device, dtype), phase)
+    warm_setup, warm_step = phase_fns(provider, embeddings(64, D, device, dtype), "forward+backward")
+    return setup, step, device, lambda: warm_step(*warm_setup())
 
 
 def main():
     provider, M, D, device, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    dtype = getattr(torch, dtype)
-    z = F.normalize(torch.randn(M, D, device=device), dim=1).to(dtype).requires_grad_()
-    fn = loss_fn(provider)
-    # warm-up on a tiny batch: loads the extension, BLAS and thread pools before the baseline
-    fn(F.normalize(torch.randn(64, D, device=device), dim=1).to(dtype).requires_grad_()).backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn(z).backward()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base
-        print(extra / 2**20)
-    else:
-        base = peak_rss_mb()
-        fn(z).backward()
-        print(peak_rss_mb() - base)
+    phase = sys.argv[6] if len(sys.argv) > 6 else "forward+backward"
+    print(measure_peak_mb(*factory(provider, M, D, device, dtype, phase)))
 
 
 if __name__ == "__main__":

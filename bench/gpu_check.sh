@@ -60,10 +60,12 @@ else
 fi
 
 # GPU tests first (correctness), then the benchmarks, one file at a time so that a timeout in one
-# keeps the others' JSON.
-stage gpu_tests 150 $PY -m pytest tests -q -m gpu -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+# keeps the others' JSON. `-m gpu` selects every test that needs a GPU (tests/conftest.py marks each
+# needs_gpu test) and the GPU-relevant ones that also run elsewhere (the fp16 backward scaling of the
+# contrastive kernels, the check that the CUDA kernels were built).
+stage gpu_tests 200 $PY -m pytest tests -q -m gpu -p no:cacheprovider -rs > "$OUT/gpu_tests.txt" 2>&1
 tail -15 "$OUT/gpu_tests.txt"
-for b in permute shuffle_rank contrastive; do
+for b in permute_frames shuffle_rank contrastive; do
   stage "bench_$b" 150 $PY -m pytest "bench/test_bench_$b.py" -q --benchmark-only -k cuda -p no:cacheprovider \
     --benchmark-columns=median,iqr,min,rounds --benchmark-json="$OUT/bench_$b.json" > "$OUT/bench_$b.txt" 2>&1
   tail -20 "$OUT/bench_$b.txt"

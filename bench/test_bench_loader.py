@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import HAS_CUDA, run_timed
+from bench_helpers import HAS_CUDA, run_timed
 from dualvar.engine.data import VideoClipDataset, build_loader, load_index, to_views
 from dualvar.engine.data.bench import ensure_synthetic_index
 

@@ -8,12 +8,17 @@ Backends, in order of preference:
 warns once per process and op when it had to fall back. An explicit backend that cannot run
 raises `BackendUnavailable` listing why. The backend that actually ran is recorded per op
 (`last_backend(op)`), so tests and benchmarks can assert that a kernel, not a fallback, ran.
+
+Every op keeps one implementation table `_IMPLS: dict[str, OpImpl]`, backend name -> the pair of
+callables (forward, backward) with one signature across that op's backends, so callers never branch
+on the backend.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 
@@ -26,6 +31,53 @@ _WARNED: set[tuple[str, str]] = set()
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this call."""
+
+
+class OpImpl(NamedTuple):
+    """One backend of one op: its forward and its backward (None for an op without a gradient)."""
+    forward: Callable
+    backward: Optional[Callable] = None
+
+
+class _SecondOrderRefused(torch.autograd.Function):
+    """Identity on a first-order gradient whose own backward raises, naming the op."""
+
+    @staticmethod
+    def forward(ctx, op, grad, *deps):
+        ctx.op = op
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"{ctx.op}: cannot differentiate twice: its fused backward is differentiable once "
+                           f"(no double backward, e.g. gradient penalties or Hessian-vector products)")
+
+
+def once_differentiable(op: str):
+    """Decorator for the backward of an op's autograd.Function whose backward is a fused kernel.
+
+    The backward runs without building a graph. When the caller builds one (create_graph=True) and
+    anything it depends on requires grad (incoming gradients or saved inputs), the gradients come back
+    attached to a node that raises on a second differentiation. torch's own @once_differentiable looks
+    only at the incoming gradients, which usually do not require grad (a loss's mean), so the kernel's
+    second-order part would silently be left out; here it fails loudly, alike on every backend.
+    """
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outs
+            deps = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not deps:
+                return outs
+            single = not isinstance(outs, tuple)
+            outs = tuple(_SecondOrderRefused.apply(op, o, *deps) if isinstance(o, torch.Tensor) else o
+                         for o in ((outs,) if single else outs))
+            return outs[0] if single else outs
+        return wrapper
+    return decorate
 
 
 def backend_reason(backend: str, device: torch.device) -> Optional[str]:
@@ -59,12 +111,12 @@ def _auto_order(device: torch.device) -> tuple[str, ...]:
     return ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
 
 
-def select(op: str, impls: Mapping[str, Callable], device: torch.device, backend: str = "auto",
-           op_reason: Optional[Callable[[str], Optional[str]]] = None) -> str:
+def select(op: str, impls: Mapping[str, OpImpl], device: torch.device, backend: str = "auto",
+           veto: Optional[Callable[[str], Optional[str]]] = None) -> str:
     """Choose the backend for one call of `op` on `device`.
 
-    impls: the backends this op implements. op_reason(backend) may veto a backend for this call's
-    arguments (a dtype or size a kernel does not support) and says why.
+    impls: the op's implementation table (backend -> OpImpl). veto(backend) may refuse a backend for
+    this call's arguments (a dtype or size a kernel does not support, a stale extension) and says why.
     """
     if backend == "auto":
         backend = os.environ.get("DUALVAR_BACKEND", "auto") or "auto"
@@ -72,7 +124,7 @@ def select(op: str, impls: Mapping[str, Callable], device: torch.device, backend
     def reason(b: str) -> Optional[str]:
         if b not in impls:
             return f"{op} has no {b} implementation" if b in BACKENDS else backend_reason(b, device)
-        return backend_reason(b, device) or (op_reason(b) if op_reason else None)
+        return backend_reason(b, device) or (veto(b) if veto else None)
 
     if backend != "auto":
         why = reason(backend)

@@ -1,8 +1,8 @@
-"""Triton kernels of the fused contrastive primitive (see contrastive.py for the math).
+"""Triton kernels of the fused contrastive primitive and their launchers (see contrastive.py for the math).
 
-    forward   _lse_fwd_kernel: one program per BLOCK_M rows, online max/sum over column tiles in
+    forward   _contrastive_fwd_kernel: one program per BLOCK_M rows, online max/sum over column tiles in
               base 2 (exp2 with log2(e)/tau folded into one scale); stores fp32 lse per row.
-    backward  _lse_bwd_kernel: out[r] = sum_c H[r, c] y[c] with
+    backward  _contrastive_bwd_kernel: out[r] = sum_c H[r, c] y[c] with
                   H = scale * (ROW_TERM: g_r exp(s/tau - lse_r) + COL_TERM: g_c exp(s/tau - lse_c)),
               one recompute of each tile. dq: rows = q, cols = k, ROW_TERM. dk: rows = k, cols = q,
               COL_TERM. SimCLR (q = k = z, self excluded): both terms in one pass, dz = (G + G^T) z,
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._ext import device_guard
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -41,7 +43,7 @@ def block_config(kind: str, D: int, dtype: torch.dtype) -> dict:
 
 
 @triton.jit
-def _lse_fwd_kernel(Q, K, LSE, R, C, D, stride_q, stride_k, scale_log2, offset,
+def _contrastive_fwd_kernel(Q, K, LSE, R, C, D, stride_q, stride_k, scale_log2, offset,
                     HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -76,7 +78,7 @@ def _lse_fwd_kernel(Q, K, LSE, R, C, D, stride_q, stride_k, scale_log2, offset,
 
 
 @triton.jit
-def _lse_bwd_kernel(X, Y, LSE_R, G_R, LSE_C, G_C, OUT, R, C, D, stride_x, stride_y, stride_o,
+def _contrastive_bwd_kernel(X, Y, LSE_R, G_R, LSE_C, G_C, OUT, R, C, D, stride_x, stride_y, stride_o,
                     scale, scale_log2, offset,
                     HAS_OFFSET: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -130,23 +132,30 @@ def _precision(x: torch.Tensor) -> str:
 
 
 def _prep(x: torch.Tensor) -> torch.Tensor:
+    """Feature matrices: the kernels take a row stride (any, 0 included) and need unit column stride."""
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the triton contrastive kernels take float32/float16/bfloat16, got {x.dtype}")
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def lse_forward(q, k, tau, offset):
+def _vec(x):
+    """Per-row vectors (lse, g) are read at unit stride."""
+    return x if x is None or x.stride(0) == 1 else x.contiguous()
+
+
+def forward(q, k, tau, offset):
     q, k = _prep(q), _prep(k)
     R, D = q.shape
     C = k.shape[0]
     cfg = block_config("fwd", D, q.dtype)
     lse = torch.empty(R, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(R, cfg["BLOCK_M"]),)
-    _lse_fwd_kernel[grid](q, k, lse, R, C, D, q.stride(0), k.stride(0), LOG2E / tau,
-                          0 if offset is None else offset, HAS_OFFSET=offset is not None,
-                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                          D_CHUNKS=cfg["D_CHUNKS"], INPUT_PRECISION=_precision(q),
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with device_guard(q):
+        _contrastive_fwd_kernel[grid](q, k, lse, R, C, D, q.stride(0), k.stride(0), LOG2E / tau,
+                              0 if offset is None else offset, HAS_OFFSET=offset is not None,
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                              D_CHUNKS=cfg["D_CHUNKS"], INPUT_PRECISION=_precision(q),
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return lse
 
 
@@ -163,29 +172,35 @@ def _half_scale(g_r, g_c, tau):
 
 
 def _bwd(x, y, lse_r, g_r, lse_c, g_c, tau, offset):
+    same = g_c is g_r  # SimCLR passes one g as both terms
+    lse_r, g_r, lse_c = _vec(lse_r), _vec(g_r), _vec(lse_c)
+    g_c = g_r if same else _vec(g_c)
     R, D = x.shape
     C = y.shape[0]
     cfg = block_config("bwd", D, x.dtype)
     out = torch.empty((R, D), dtype=torch.float32, device=x.device)
     hs = _half_scale(g_r, g_c, tau) if x.dtype == torch.float16 else None
-    if hs is not None:
-        same = g_c is g_r  # SimCLR passes one g as both terms: scale it once
+    if hs is not None:  # scale a shared g once
         g_r = None if g_r is None else g_r * hs
         g_c = g_r if same else (None if g_c is None else g_c * hs)
     dummy = lse_r if lse_r is not None else lse_c
     grid = (triton.cdiv(R, cfg["BLOCK_M"]), cfg["D_CHUNKS"])
-    _lse_bwd_kernel[grid](x, y, lse_r if lse_r is not None else dummy, g_r if g_r is not None else dummy,
-                          lse_c if lse_c is not None else dummy, g_c if g_c is not None else dummy, out,
-                          R, C, D, x.stride(0), y.stride(0), out.stride(0), 1.0 / tau, LOG2E / tau,
-                          0 if offset is None else offset, HAS_OFFSET=offset is not None,
-                          ROW_TERM=lse_r is not None, COL_TERM=lse_c is not None,
-                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                          D_CHUNKS=cfg["D_CHUNKS"], INPUT_PRECISION=_precision(x),
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with device_guard(x):
+        _contrastive_bwd_kernel[grid](x, y, lse_r if lse_r is not None else dummy, g_r if g_r is not None else dummy,
+                              lse_c if lse_c is not None else dummy, g_c if g_c is not None else dummy, out,
+                              R, C, D, x.stride(0), y.stride(0), out.stride(0), 1.0 / tau, LOG2E / tau,
+                              0 if offset is None else offset, HAS_OFFSET=offset is not None,
+                              ROW_TERM=lse_r is not None, COL_TERM=lse_c is not None,
+                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                              D_CHUNKS=cfg["D_CHUNKS"], INPUT_PRECISION=_precision(x),
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out if hs is None else out.div_(hs)
 
 
-def lse_backward(q, k, tau, offset, lse, grad, need_q, need_k):
+def backward(q, k, tau, offset, lse, grad, need_q, need_k):
+    """(dq | None, dk | None). q is k (SimCLR, self excluded): the whole gradient as dq, dk None."""
+    if q is k and offset == 0 and need_q and need_k:
+        return backward_sym(q, tau, lse, grad), None
     q, k = _prep(q), _prep(k)
     dq = _bwd(q, k, lse, grad, None, None, tau, offset) if need_q else None
     # dk: rows are k, columns are q; row b of k is excluded from column b - offset of q.
@@ -193,6 +208,7 @@ def lse_backward(q, k, tau, offset, lse, grad, need_q, need_k):
     return dq, dk
 
 
-def lse_backward_sym(z, tau, lse, grad):
+def backward_sym(z, tau, lse, grad):
+    """dz = (G + G^T) z in one pass: both terms per tile, no atomics, no second kernel."""
     z = _prep(z)
     return _bwd(z, z, lse, grad, lse, grad, tau, 0)

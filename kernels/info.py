@@ -7,7 +7,11 @@ import platform
 import torch
 
 from ._dispatch import available_backends
-from ._ext import build_info, load_triton
+from ._ext import build_info, compiled_op_reason, load_triton
+from .contrastive import COMPILED_OPS as CONTRASTIVE_OPS
+
+# every torch.ops.dualvar op the Python side calls
+COMPILED_OPS = ("permute_frames", *CONTRASTIVE_OPS, "shuffle_rank_fwd", "shuffle_rank_bwd")
 
 
 def thp_mode() -> str:
@@ -26,12 +30,14 @@ def report() -> str:
         f"torch         {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
     ]
     triton, why = load_triton()
-    lines.append(f"triton        {triton.__version__ if triton else 'unavailable: ' + why}"
-                 f"{'  [TRITON_INTERPRET=1]' if os.environ.get('TRITON_INTERPRET') == '1' else ''}")
+    interpret = "  [TRITON_INTERPRET=1]" if os.environ.get("TRITON_INTERPRET") == "1" else ""
+    lines.append(f"triton        {triton.__version__ if triton else 'unavailable: ' + why}{interpret}")
     if torch.cuda.is_available():
-        lines.append(f"device        cuda: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        sm = "".join(map(str, torch.cuda.get_device_capability()))
+        lines.append(f"device        cuda: {torch.cuda.get_device_name()} (sm_{sm})")
     else:
-        lines.append(f"device        cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); no CUDA device")
+        lines.append(f"device        cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
+                     f"no CUDA device")
     info = build_info()
     if info["built"]:
         lines.append(f"extension     built; CUDA kernels: {'yes' if info['cuda'] else 'no'}; OpenMP: {info['openmp']}; "
@@ -42,6 +48,8 @@ def report() -> str:
             lines.append(f"arch list     {BUILD['cuda_arch_list'] or 'none (no CUDA kernels)'}")
         except ImportError:
             lines.append("build         no record (kernels/_build_config.py missing)")
+        stale = compiled_op_reason(*COMPILED_OPS)
+        lines.append(f"ops           {'all ' + str(len(COMPILED_OPS)) + ' present' if stale is None else stale}")
     else:
         lines.append(f"extension     not built: {info['reason']}")
     lines.append(f"huge pages    THP {thp_mode()}; cpu permute_frames output advice "

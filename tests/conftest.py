@@ -1,5 +1,6 @@
 """Test set-up. On a machine without a CUDA GPU, Triton kernels run under the interpreter: the flag
-must be set before triton decorates any kernel, i.e. before dualvar.kernels is imported."""
+must be set before triton decorates any kernel, i.e. before dualvar.kernels is imported.
+Shared helpers live in tests/helpers.py (importable), not here."""
 import os
 import shutil
 
@@ -9,14 +10,16 @@ if not shutil.which("nvidia-smi") and "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+from helpers import needs_gpu, needs_two_gpus  # noqa: E402
 
 
-def cpu_backends(op_backends=("torch", "cpu", "triton")):
-    """Backends that can run on this machine's CPU (triton only under the interpreter)."""
-    out = [b for b in op_backends if b != "triton" or os.environ.get("TRITON_INTERPRET") == "1"]
-    return out
+@pytest.hookimpl(tryfirst=True)  # before `-m gpu` deselects
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a GPU is marked `gpu`, so `pytest -m gpu` (make gpu-check) runs it."""
+    gpu_marks = (needs_gpu.mark, needs_two_gpus.mark)
+    for item in items:
+        if item.get_closest_marker("gpu") is None and any(m in gpu_marks for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture

@@ -1,5 +1,8 @@
-"""Fused contrastive losses: every backend that runs here against the float64 references, forward
-and gradients, over odd shapes and all variants; numerics; memory; AOT compilation; GPU checks."""
+"""Fused contrastive losses (op "contrastive"): the references against literal loops, every backend that
+runs here against the float64 references (forward and gradients, odd shapes, every variant, any
+strides), numerics, bad input on every backend, no double backward, memory, ahead-of-time
+compilation, GPU checks."""
+import math
 import os
 import subprocess
 import sys
@@ -9,11 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import dualvar.kernels as K
-from conftest import cpu_backends, needs_gpu
 from dualvar.kernels import _aot, contrastive_triton
+from dualvar.kernels import contrastive as C
+from dualvar.kernels._dispatch import OpImpl
 from dualvar.kernels._ext import load_ext
+from helpers import cpu_backends, needs_gpu, needs_two_gpus
 
 BACKENDS = cpu_backends()
+load_ext()  # torch.ops.dualvar.* exist once the extension is loaded (tests below call them directly)
 
 
 def unit(*shape, gen, dtype=torch.float64):
@@ -36,12 +42,63 @@ def close(a, b, dtype, scale=1.0):
     assert err <= tol(dtype) * max(1.0, scale), f"max error {err:.3g}"
 
 
+# ------------------------------------------------------------- the references against literal loops
+def nt_xent_loop(z, tau, n_views):
+    """docs/method.md §3.1 term by term: log of the sum over the other rows minus the mean positive."""
+    M = z.shape[0]
+    N = M // n_views
+    total = 0.0
+    for a in range(M):
+        denom = sum(math.exp(float(z[a] @ z[b]) / tau) for b in range(M) if b != a)
+        pos = [b for b in range(M) if b != a and b % N == a % N]
+        total += math.log(denom) - sum(float(z[a] @ z[p]) / tau for p in pos) / len(pos)
+    return total / M
+
+
+def info_nce_loop(q, k, queue, tau):
+    total = 0.0
+    for i in range(q.shape[0]):
+        pos = float(q[i] @ k[i]) / tau
+        negs = [float(q[i] @ c) / tau for c in queue] if queue is not None else \
+            [float(q[i] @ k[j]) / tau for j in range(k.shape[0]) if j != i]
+        total += math.log(math.exp(pos) + sum(math.exp(n) for n in negs)) - pos
+    return total / q.shape[0]
+
+
+@pytest.mark.parametrize("n_views,N,D", [(2, 5, 7), (3, 4, 3), (2, 1, 4)])
+@pytest.mark.parametrize("tau", [0.07, 0.5])
+def test_nt_xent_reference_matches_loop(n_views, N, D, tau, gen):
+    z = unit(n_views * N, D, gen=gen)
+    assert K.nt_xent_loss_reference(z, tau, n_views=n_views).item() == pytest.approx(nt_xent_loop(z, tau, n_views),
+                                                                                      rel=1e-10)
+
+
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_info_nce_reference_matches_loop(with_queue, gen):
+    q, k = unit(6, 5, gen=gen), unit(6, 5, gen=gen)
+    queue = unit(9, 5, gen=gen) if with_queue else None
+    assert K.info_nce_loss_reference(q, k, queue, 0.1).item() == pytest.approx(info_nce_loop(q, k, queue, 0.1),
+                                                                               rel=1e-10)
+
+
+def test_reference_gradients(gen):
+    """The references are plain autograd; gradcheck guards their formulas' differentiability (no in-place
+    masking that would break the graph)."""
+    z = unit(6, 4, gen=gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: K.nt_xent_loss_reference(x, 0.3, n_views=3), (z,))
+    q, k = (unit(4, 3, gen=gen).requires_grad_() for _ in range(2))
+    queue = unit(5, 3, gen=gen)  # the queue never receives a gradient
+    assert torch.autograd.gradcheck(lambda a, b: K.info_nce_loss_reference(a, b, queue, 0.2), (q, k))
+
+
+# ------------------------------------------------------------------- every backend vs the reference
 # Shapes: (n_views, N, D). N = 1, odd row counts, D not a power of two, D > one Triton chunk.
 NT_SHAPES = [(2, 1, 8), (2, 5, 7), (3, 4, 16), (2, 37, 33), (2, 70, 130)]
 
 
 # float64 runs on the torch and cpu backends (the GPU kernels refuse it: test_triton_refuses_...).
-BACKEND_DTYPES = [(b, d) for b in BACKENDS for d in (torch.float32, torch.float64) if (b, d) != ("triton", torch.float64)]
+BACKEND_DTYPES = [(b, d) for b in BACKENDS for d in (torch.float32, torch.float64)
+                  if (b, d) != ("triton", torch.float64)]
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
@@ -58,11 +115,10 @@ def test_nt_xent_matches_reference(backend, n_views, N, D, dtype, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["non_unit", "identical_rows", "low_temperature"])
 def test_nt_xent_numerics(backend, case, gen):
-    tau = 0.1
     if case == "non_unit":
-        z = torch.randn(40, 24, generator=gen, dtype=torch.float64) * 3
+        z, tau = torch.randn(40, 24, generator=gen, dtype=torch.float64) * 3, 0.1
     elif case == "identical_rows":
-        z = unit(1, 16, gen=gen).repeat(30, 1)
+        z, tau = unit(1, 16, gen=gen).repeat(30, 1), 0.1
     else:
         z, tau = unit(48, 20, gen=gen), 0.01
     ref, (gref,) = grads_of(lambda x: K.nt_xent_loss_reference(x, tau), (z, True))
@@ -148,6 +204,7 @@ def test_half_precision_error_within_twice_plain_torch(backend, dtype, gen):
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if "triton" in BACKENDS else None)
 
 
+@pytest.mark.gpu  # runs here under the interpreter, and on hardware in make gpu-check
 @pytest.mark.skipif(TRITON_DEVICE is None, reason="needs a GPU")
 @pytest.mark.parametrize("weight", [1e-5, 1e6])
 def test_triton_fp16_backward_neither_underflows_nor_overflows(weight, gen):
@@ -157,8 +214,8 @@ def test_triton_fp16_backward_neither_underflows_nor_overflows(weight, gen):
     M, tau = 256, 0.07
     z16 = unit(M, 32, gen=gen, dtype=torch.float16).to(TRITON_DEVICE)
     g = torch.full((M,), weight / M, dtype=torch.float32, device=TRITON_DEVICE)
-    lse = contrastive_triton.lse_forward(z16, z16, tau, 0)
-    out = contrastive_triton.lse_backward_sym(z16, tau, lse, g)
+    lse = contrastive_triton.forward(z16, z16, tau, 0)
+    out = contrastive_triton.backward_sym(z16, tau, lse, g)
     z64 = z16.double().cpu().requires_grad_()
     s = (z64 @ z64.T / tau).masked_fill(torch.eye(M, dtype=torch.bool), float("-inf"))
     (dz,) = torch.autograd.grad(torch.logsumexp(s, 1), z64, g.double().cpu())
@@ -173,13 +230,12 @@ def test_cpu_symmetric_tiles_over_many_blocks(threads, gen):
     """The CPU forward multiplies each tile pair of SimCLR's symmetric matrix once (512-row tiles) and
     merges per-thread row statistics; check it across several tiles with a ragged last tile, against
     the float64 reference and against the row-block path (k a different tensor: no symmetry used)."""
-    load_ext()
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         z = torch.randn(1302, 19, generator=gen, dtype=torch.float64)  # non-unit rows, 3 tiles, last ragged
-        sym = torch.ops.dualvar.lse_fwd(z, z, 0.2, 0)
-        rows = torch.ops.dualvar.lse_fwd(z, z.clone(), 0.2, 0)
+        sym = torch.ops.dualvar.contrastive_fwd(z, z, 0.2, 0)
+        rows = torch.ops.dualvar.contrastive_fwd(z, z.clone(), 0.2, 0)
         s = z @ z.t() / 0.2
         s.fill_diagonal_(float("-inf"))
         ref = torch.logsumexp(s, dim=1)
@@ -189,12 +245,27 @@ def test_cpu_symmetric_tiles_over_many_blocks(threads, gen):
         close(out, ref_loss, torch.float64)
         close(g, gref, torch.float64)
         z[1000, 3] = float("nan")  # a row of the third tile: its lse and the loss must be NaN, not dropped
-        lse = torch.ops.dualvar.lse_fwd(z, z, 0.2, 0)
+        lse = torch.ops.dualvar.contrastive_fwd(z, z, 0.2, 0)
         assert torch.isnan(lse).all()  # every row sees the NaN column
-        assert torch.isnan(torch.ops.dualvar.lse_fwd(z, z.clone(), 0.2, 0)).all()  # row-block path too
+        assert torch.isnan(torch.ops.dualvar.contrastive_fwd(z, z.clone(), 0.2, 0)).all()  # row-block path too
         assert torch.isnan(K.nt_xent_loss(z, 0.2, check_finite=False, backend="cpu"))
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
+@pytest.mark.parametrize("tau", [0.05, 0.01])
+def test_cpu_float32_tiles_narrow_and_wide_logit_ranges(tau, gen):
+    """float32 rows whose norms spread over 0.05..3: some tile pairs span at most 80 in scaled logits
+    (one exponential serves the row and the column) and others span more (per-row/per-column path);
+    loss and gradient against the float64 reference on the same float32 values."""
+    scale = torch.linspace(0.05, 3.0, 1302, dtype=torch.float64)[torch.randperm(1302, generator=gen)]
+    z64 = torch.nn.functional.normalize(torch.randn(1302, 19, generator=gen, dtype=torch.float64), dim=1)
+    z32 = (z64 * scale[:, None]).float()
+    ref_loss, (gref,) = grads_of(lambda x: K.nt_xent_loss_reference(x, tau), (z32.double(), True))
+    out, (g,) = grads_of(lambda x: K.nt_xent_loss(x, tau, backend="cpu"), (z32, True))
+    assert abs(float(out) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    assert (g.double() - gref).abs().max() <= 1e-5 * gref.abs().max()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -211,22 +282,161 @@ def test_non_finite_input_raises_or_propagates(backend, gen):
         K.info_nce_loss(q, q, queue, backend=backend)
 
 
-def test_bad_inputs_name_the_problem(gen):
-    z = unit(6, 4, gen=gen).float()
-    with pytest.raises(ValueError, match="n_views=4"):
-        K.nt_xent_loss(z, n_views=4)
-    with pytest.raises(ValueError, match="2-D"):
-        K.nt_xent_loss(z[None])
-    with pytest.raises(ValueError, match="temperature"):
-        K.nt_xent_loss(z, temperature=0.0)
-    with pytest.raises(TypeError, match="floating"):
-        K.nt_xent_loss(torch.ones(6, 4, dtype=torch.int64))
-    with pytest.raises(ValueError, match="same shape"):
-        K.info_nce_loss(z, z[:3])
-    with pytest.raises(ValueError, match="queue has dim"):
-        K.info_nce_loss(z, z, torch.randn(5, 3))
+def _bad_cases():
+    z = torch.nn.functional.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    nan = z.clone()
+    nan[2, 1] = float("nan")
+    inf_queue = torch.randn(5, 4)
+    inf_queue[1, 0] = float("inf")
+    nt, nce = K.nt_xent_loss, K.info_nce_loss
+    tau_grad = torch.tensor(0.1, requires_grad=True)
+    return [
+        # (id, function, args, kwargs, exception, message)
+        ("z_3d", nt, (z[None],), {}, ValueError, "z must be a 2-D tensor"),
+        ("z_list", nt, (z.tolist(),), {}, ValueError, "z must be a 2-D tensor"),
+        ("z_int", nt, (torch.ones(6, 4, dtype=torch.int64),), {}, TypeError, "z must be a floating tensor"),
+        ("z_no_rows", nt, (z[:0],), {}, ValueError, "z must be non-empty"),
+        ("z_no_dim", nt, (z[:, :0],), {}, ValueError, "z must be non-empty"),
+        ("z_nan", nt, (nan,), {}, ValueError, "z holds NaN or Inf"),
+        ("tau_zero", nt, (z,), dict(temperature=0.0), ValueError, "temperature must be a positive finite number"),
+        ("tau_negative", nt, (z,), dict(temperature=-0.1), ValueError, "temperature must be a positive"),
+        ("tau_inf", nt, (z,), dict(temperature=math.inf), ValueError, "temperature must be a positive"),
+        ("tau_nan", nt, (z,), dict(temperature=math.nan), ValueError, "temperature must be a positive"),
+        ("tau_str", nt, (z,), dict(temperature="0.1"), TypeError, "temperature must be a positive finite number"),
+        ("tau_none", nt, (z,), dict(temperature=None), TypeError, "temperature must be a positive finite number"),
+        ("tau_bool", nt, (z,), dict(temperature=True), TypeError, "temperature must be a positive finite number"),
+        ("tau_vector", nt, (z,), dict(temperature=torch.tensor([0.1, 0.2])), TypeError, "temperature must be"),
+        ("tau_requires_grad", nt, (z,), dict(temperature=tau_grad), ValueError,
+         "temperature is a tensor that requires grad"),
+        ("n_views_none", nt, (z,), dict(n_views=None), TypeError, "n_views must be an int"),
+        ("n_views_float", nt, (z,), dict(n_views=2.0), TypeError, "n_views must be an int"),
+        ("n_views_bool", nt, (z,), dict(n_views=True), TypeError, "n_views must be an int"),
+        ("n_views_one", nt, (z,), dict(n_views=1), ValueError, "n_views=1"),
+        ("n_views_not_divisor", nt, (z,), dict(n_views=4), ValueError, "z has 6 rows, which is not n_views=4"),
+        ("distributed_str", nt, (z,), dict(distributed="yes"), TypeError, "distributed must be True or False"),
+        ("check_finite_none", nt, (z,), dict(check_finite=None), TypeError, "check_finite must be True or False"),
+        ("nt_backend_unknown", nt, (z,), dict(backend="tpu"), K.BackendUnavailable, "unknown backend 'tpu'"),
+        ("q_1d", nce, (z[0], z[0]), {}, ValueError, "q must be a 2-D tensor"),
+        ("k_rows", nce, (z, z[:3]), {}, ValueError, r"q \(6, 4\) and k \(3, 4\) must have the same shape"),
+        ("k_dim", nce, (z, z[:, :3]), {}, ValueError, "k has dim 3 but q has dim 4"),
+        ("k_dtype", nce, (z, z.double()), {}, TypeError, "k is torch.float64 but q is torch.float32"),
+        ("k_nan", nce, (z, nan), {}, ValueError, "k holds NaN or Inf"),
+        ("queue_dim", nce, (z, z, torch.randn(5, 3)), {}, ValueError, "queue has dim 3 but q has dim 4"),
+        ("queue_dtype", nce, (z, z, torch.randn(5, 4).half()), {}, TypeError, "queue is torch.float16 but q is"),
+        ("queue_1d", nce, (z, z, torch.randn(4)), {}, ValueError, "queue must be a 2-D tensor"),
+        ("queue_empty", nce, (z, z, torch.randn(0, 4)), {}, ValueError, "queue must be non-empty"),
+        ("queue_inf", nce, (z, z, inf_queue), {}, ValueError, "queue holds NaN or Inf"),
+        ("nce_tau_requires_grad", nce, (z, z), dict(temperature=tau_grad), ValueError,
+         "temperature is a tensor that requires grad"),
+        ("nce_tau_zero", nce, (z, z), dict(temperature=0), ValueError, "temperature must be a positive"),
+        ("lse_offset_float", K.masked_lse, (z, z, 0.1, 1.0), {}, TypeError, "exclude_offset must be an int or None"),
+        ("lse_k_dim", K.masked_lse, (z, z[:, :3], 0.1), {}, ValueError, "k has dim 3 but q has dim 4"),
+    ]
+
+
+BAD_IDS = [c[0] for c in _bad_cases()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", BAD_IDS)
+def test_bad_inputs_name_the_problem(backend, case, monkeypatch):
+    """Every malformed argument: an exception naming it and what was expected, the same from every
+    backend, before any kernel runs (the backend's kernels are replaced by ones that fail the test)."""
+    _, fn, args, kwargs, exc, msg = next(c for c in _bad_cases() if c[0] == case)
+
+    def kernel(*a):
+        raise AssertionError("a kernel ran on malformed input")
+    monkeypatch.setitem(C._IMPLS, backend, OpImpl(kernel, kernel))
+    with pytest.raises(exc, match=msg):
+        fn(*args, **{"backend": backend, **kwargs})
+
+
+def test_compiled_op_checks_inputs_itself():
+    """The C++ op validates too (callers of torch.ops.dualvar.* skip the Python checks)."""
     with pytest.raises(RuntimeError, match="same dim"):
-        torch.ops.dualvar.lse_fwd(z, torch.randn(3, 5), 0.1, None)
+        torch.ops.dualvar.contrastive_fwd(torch.randn(6, 4), torch.randn(3, 5), 0.1, None)
+
+
+def test_temperature_as_a_tensor_without_grad(gen):
+    z = unit(8, 5, gen=gen).float()
+    assert K.nt_xent_loss(z, torch.tensor(0.2), backend="torch") == K.nt_xent_loss(z, 0.2, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend, gen):
+    """The fused backward is differentiable once: a gradient of a gradient raises (on every backend alike)
+    instead of returning a wrong Hessian-vector product; the first-order gradient with create_graph
+    stays exact."""
+    z = unit(8, 5, gen=gen).float().requires_grad_()
+    q, k = unit(4, 5, gen=gen).float().requires_grad_(), unit(4, 5, gen=gen).float().requires_grad_()
+    queue = unit(6, 5, gen=gen).float()
+    for loss, inputs, ref in (
+            (lambda: K.nt_xent_loss(z, 0.1, backend=backend), (z,), lambda: K.nt_xent_loss_reference(z, 0.1)),
+            (lambda: K.info_nce_loss(q, k, None, 0.1, backend=backend), (q, k),
+             lambda: K.info_nce_loss_reference(q, k, None, 0.1)),
+            (lambda: K.info_nce_loss(q, k, queue, 0.1, backend=backend), (q, k),
+             lambda: K.info_nce_loss_reference(q, k, queue, 0.1))):
+        grads = torch.autograd.grad(loss(), inputs, create_graph=True)
+        for g, g_ref in zip(grads, torch.autograd.grad(ref(), inputs)):
+            close(g, g_ref, torch.float32, g_ref.abs().max().item())
+        with pytest.raises(RuntimeError, match=r"contrastive \(nt_xent_loss, info_nce_loss\): cannot differentiate"):
+            torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+
+
+def strided_cases(gen, device="cpu", dtype=torch.float32):
+    """(name, base, view): NT-Xent input view(base) with row slices, column slices, a transpose, a column
+    offset (unaligned start) and rows repeated by a stride-0 expand."""
+    u = lambda *shape: unit(*shape, gen=gen).to(device=device, dtype=dtype)
+    yield "rows_sliced", u(24, 9), lambda x: x[::2]
+    yield "columns_sliced", u(12, 18), lambda x: x[:, ::2]
+    yield "transposed", u(9, 12), lambda x: x.t()
+    yield "column_offset", u(12, 11), lambda x: x[:, 2:]
+    yield "expanded", u(1, 9), lambda x: x.expand(12, 9)
+
+
+def strided_equal_contiguous(loss, cases, dtype=torch.float32):
+    """loss(*views) and its gradients in every base equal those of the contiguous copies of the views."""
+    bases = [base.detach().clone().requires_grad_() for _, base, _ in cases]
+    views = [view(b) for b, (_, _, view) in zip(bases, cases)]
+    assert not all(v.is_contiguous() for v in views)
+    out = loss(*views)
+    grads = torch.autograd.grad(out, bases, allow_unused=True)  # (a queue gets no gradient)
+    bases_c = [base.detach().clone().requires_grad_() for _, base, _ in cases]
+    ref = loss(*[view(b).contiguous() for b, (_, _, view) in zip(bases_c, cases)])
+    grads_ref = torch.autograd.grad(ref, bases_c, allow_unused=True)
+    close(out.cpu(), ref.cpu(), dtype, abs(ref.item()))
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            close(g.cpu(), g_ref.cpu(), dtype, g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_equal_contiguous(backend, gen):
+    """Non-contiguous, sliced, transposed and expanded inputs: the loss and gradient of the contiguous copy."""
+    for case in strided_cases(gen):
+        strided_equal_contiguous(lambda z: K.nt_xent_loss(z, 0.1, backend=backend), [case])
+        assert K.last_backend("contrastive") == backend
+    cases = {name: (name, base, view) for name, base, view in strided_cases(gen)}
+    strided_equal_contiguous(lambda q, k, queue: K.info_nce_loss(q, k, queue, 0.1, backend=backend),
+                             [cases["transposed"], cases["rows_sliced"], cases["columns_sliced"]])
+    strided_equal_contiguous(lambda q, k: K.info_nce_loss(q, k, None, 0.1, backend=backend),
+                             [cases["column_offset"], cases["expanded"]])
+
+
+def test_stale_extension_is_reported_by_name(monkeypatch, gen):
+    """An extension built from older sources (an op missing): the cpu backend says so and how to rebuild;
+    auto falls back to torch with that reason in its warning."""
+    from dualvar.kernels import _dispatch
+    monkeypatch.setattr(C, "COMPILED_OPS", C.COMPILED_OPS + ("contrastive_from_the_future",))
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    z = unit(6, 4, gen=gen).float()
+    with pytest.raises(K.BackendUnavailable, match=r"stale: it lacks torch.ops.dualvar.contrastive_from_the_future"
+                                                   r".*pip install --no-build-isolation -e \."):
+        K.nt_xent_loss(z, backend="cpu")
+    with pytest.warns(RuntimeWarning, match="falls back to the torch backend.*stale"):
+        K.nt_xent_loss(z)
+    assert K.last_backend("contrastive") == "torch"
 
 
 def test_triton_refuses_what_it_cannot_run(gen):
@@ -271,41 +481,46 @@ def test_cpu_backend_memory_is_linear_in_rows():
 
 
 # ---------------------------------------------------------------- ahead-of-time compilation
-FWD_SIG = {"Q": "*{t}", "K": "*{t}", "LSE": "*fp32", "R": "i32", "C": "i32", "D": "i32", "stride_q": "i32",
-           "stride_k": "i32", "scale_log2": "fp32", "offset": "i32"}
-BWD_SIG = {"X": "*{t}", "Y": "*{t}", "LSE_R": "*fp32", "G_R": "*fp32", "LSE_C": "*fp32", "G_C": "*fp32",
-           "OUT": "*fp32", "R": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_y": "i32",
-           "stride_o": "i32", "scale": "fp32", "scale_log2": "fp32", "offset": "i32"}
-DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The launchers themselves on the shapes of real calls (M = 4096 rows), so every kernel compiles with the
+# runtime's specialisation: 16-byte aligned pointers and strides divisible by 16 get divisibility hints,
+# which change the code (vector loads, deeper pipelining: up to twice the shared memory of a hint-less build).
+M_AOT = 4096
+AOT_CASES = [(call, D, t, arch) for call in ("nt_xent", "info_nce") for D in (64, 128, 256, 1024)
+             for t in ("bfloat16", "float16", "float32") for arch in (80, 90) if call == "nt_xent" or D == 128]
+FWD, BWD = "_contrastive_fwd_kernel", "_contrastive_bwd_kernel"
+LAUNCHES = {"nt_xent": [FWD, BWD],  # forward; one-pass symmetric backward
+            "info_nce": [FWD, BWD, BWD]}  # forward; dq; dk
 
 
-AOT_CASES = [(kind, D, t, arch) for kind in ("fwd", "bwd") for D in (64, 128, 256, 1024)
-             for t in ("bf16", "fp16", "fp32") for arch in (80, 90)]
-
-
-def _spec(kind, D, t, arch):
-    cfg = contrastive_triton.block_config(kind, D, DT[t])
-    const = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "D_CHUNKS")}
-    const.update(HAS_OFFSET=True, INPUT_PRECISION="tf32x3" if t == "fp32" else "tf32")
-    if kind == "bwd":
-        const.update(ROW_TERM=True, COL_TERM=True)
-    sig = FWD_SIG if kind == "fwd" else BWD_SIG
-    return {"module": "dualvar.kernels.contrastive_triton", "kernel": f"_lse_{kind}_kernel",
-            "signature": {k: v.format(t=t) for k, v in sig.items()}, "constexprs": const, "arch": arch,
-            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+def _aot_specs(call, D, t, arch):
+    x = {"zeros": [M_AOT, D], "dtype": t}
+    vec = {"zeros": [M_AOT], "dtype": "float32"}
+    mod = "dualvar.kernels.contrastive_triton"
+    if call == "nt_xent":  # q is k (argument 1 is argument 0): self excluded at offset 0
+        return [{"launcher": f"{mod}:forward", "args": [x, {"same_as": 0}, 0.07, 0], "arch": arch},
+                {"launcher": f"{mod}:backward", "args": [x, {"same_as": 0}, 0.07, 0, vec, vec, True, True],
+                 "arch": arch}]
+    return [{"launcher": f"{mod}:forward", "args": [x, x, 0.07, None], "arch": arch},
+            {"launcher": f"{mod}:backward", "args": [x, x, 0.07, None, vec, vec, True, True], "arch": arch}]
 
 
 @pytest.fixture(scope="module")
 def aot_reports():
-    return dict(zip(AOT_CASES, _aot.compile_many([_spec(*c) for c in AOT_CASES])))
+    specs = [_aot_specs(*c) for c in AOT_CASES]
+    flat = _aot.compile_launchers([s for pair in specs for s in pair])
+    return {c: flat[2 * i] + flat[2 * i + 1] for i, c in enumerate(AOT_CASES)}
 
 
-@pytest.mark.parametrize("kind,D,t,arch", AOT_CASES)
-def test_triton_kernels_compile_within_limits(aot_reports, kind, D, t, arch):
-    rep = aot_reports[(kind, D, t, arch)]
-    assert rep.within_limits(), rep
-    if D <= 128:  # the main configurations: no register spills
-        assert rep.spill_stores == 0 and rep.spill_loads == 0, rep
+@pytest.mark.slow
+@pytest.mark.parametrize("call,D,t,arch", AOT_CASES)
+def test_triton_kernels_compile_within_limits(aot_reports, call, D, t, arch):
+    reports = aot_reports[(call, D, t, arch)]
+    assert [r.name for r in reports] == LAUNCHES[call]
+    for rep in reports:
+        assert rep.arch == arch and rep.hints > 0, rep
+        assert rep.within_limits(), rep
+        if D <= 128:  # the main configurations: no register spills
+            assert rep.spill_stores == 0 and rep.spill_loads == 0, rep
 
 
 # ---------------------------------------------------------------------------- GPU checks
@@ -330,6 +545,67 @@ def test_gpu_nt_xent_matches_reference(backend, dtype, M, D, gen):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_queue", [True, False])
+def test_gpu_info_nce_16_bit_error_within_twice_plain_torch(backend, dtype, with_queue, gen):
+    """MoCo in bf16/fp16 (queue in the same dtype): loss and gradients of q and k within twice plain
+    torch's error in that dtype, against float64."""
+    q, k = unit(77, 128, gen=gen), unit(77, 128, gen=gen)
+    queue = unit(1000, 128, gen=gen) if with_queue else None
+    ref, (gq_ref, gk_ref) = grads_of(lambda a, b: K.info_nce_loss_reference(a, b, queue, 0.07), (q, True), (k, True))
+    low = lambda x: None if x is None else x.to(dtype).cuda()
+    plain, (gq_plain, gk_plain) = grads_of(lambda a, b: K.info_nce_loss_reference(a, b, low(queue), 0.07),
+                                           (low(q), True), (low(k), True))
+    out, (gq, gk) = grads_of(lambda a, b: K.info_nce_loss(a, b, low(queue), 0.07, backend=backend),
+                             (low(q), True), (low(k), True))
+    assert K.last_backend("contrastive") == backend
+    assert out.dtype == torch.float32 and gq.dtype == dtype
+    err = lambda a, b: (a.double().cpu() - b).abs().max().item()
+    assert abs(out.item() - ref.item()) <= 2 * abs(plain.item() - ref.item()) + 1e-6
+    assert err(gq, gq_ref) <= 2 * err(gq_plain, gq_ref) + 1e-6
+    assert err(gk, gk_ref) <= 2 * err(gk_plain, gk_ref) + 1e-6
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_strided_inputs_equal_contiguous(backend, gen):
+    for case in strided_cases(gen, "cuda"):
+        strided_equal_contiguous(lambda z: K.nt_xent_loss(z, 0.1, backend=backend), [case])
+        assert K.last_backend("contrastive") == backend
+    for dtype in (torch.bfloat16, torch.float16):
+        for case in strided_cases(gen, "cuda", dtype):
+            strided_equal_contiguous(lambda z: K.nt_xent_loss(z, 0.1, backend=backend), [case], torch.float32)
+    cases = {name: (name, base, view) for name, base, view in strided_cases(gen, "cuda")}
+    strided_equal_contiguous(lambda q, k, queue: K.info_nce_loss(q, k, queue, 0.1, backend=backend),
+                             [cases["transposed"], cases["rows_sliced"], cases["columns_sliced"]])
+    strided_equal_contiguous(lambda q, k: K.info_nce_loss(q, k, None, 0.1, backend=backend),
+                             [cases["column_offset"], cases["expanded"]])
+
+
+@needs_two_gpus
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_tensors_off_the_current_device(backend, gen):
+    """Inputs on cuda:1 while cuda:0 is current: forward and backward launch on cuda:1 (a device guard)."""
+    z = unit(300, 64, gen=gen)
+    ref, (gref,) = grads_of(lambda x: K.nt_xent_loss_reference(x, 0.1), (z, True))
+    q, k, queue = unit(40, 64, gen=gen), unit(40, 64, gen=gen), unit(200, 64, gen=gen)
+    ref2, (gq_ref, gk_ref) = grads_of(lambda a, b: K.info_nce_loss_reference(a, b, queue, 0.1), (q, True), (k, True))
+    with torch.cuda.device(0):
+        out, (g,) = grads_of(lambda x: K.nt_xent_loss(x, 0.1, backend=backend), (z.float().to("cuda:1"), True))
+        out2, (gq, gk) = grads_of(lambda a, b: K.info_nce_loss(a, b, queue.float().to("cuda:1"), 0.1, backend=backend),
+                                  (q.float().to("cuda:1"), True), (k.float().to("cuda:1"), True))
+    assert g.device == torch.device("cuda:1")
+    for o, r in ((out, ref), (out2, ref2)):
+        assert abs(o.item() - r.item()) < 1e-4
+    for a, b in ((g, gref), (gq, gq_ref), (gk, gk_ref)):
+        assert (a.double().cpu() - b).abs().max() < 1e-4
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("with_queue", [True, False])
 def test_gpu_info_nce_matches_reference(backend, with_queue, gen):
     q, k = unit(77, 128, gen=gen), unit(77, 128, gen=gen)
@@ -345,16 +621,11 @@ def test_gpu_info_nce_matches_reference(backend, with_queue, gen):
 
 def test_compiled_ops_pass_opcheck(gen):
     """Schema, fake (meta) functions and dispatcher registration agree (torch.library.opcheck)."""
-    from dualvar.kernels._ext import load_ext
-    load_ext()
     q, k = unit(9, 5, gen=gen).float(), unit(13, 5, gen=gen).float()
-    lse = torch.ops.dualvar.lse_fwd(q, k, 0.2, 2)
+    lse = torch.ops.dualvar.contrastive_fwd(q, k, 0.2, 2)
     grad = torch.rand(9, generator=gen)
-    torch.library.opcheck(torch.ops.dualvar.lse_fwd.default, (q, k, 0.2, 2))
-    torch.library.opcheck(torch.ops.dualvar.lse_bwd.default, (q, k, lse, grad, 0.2, 2, True, True))
+    torch.library.opcheck(torch.ops.dualvar.contrastive_fwd.default, (q, k, 0.2, 2))
+    torch.library.opcheck(torch.ops.dualvar.contrastive_bwd.default, (q, k, lse, grad, 0.2, 2, True, True))
     z = unit(12, 5, gen=gen).float()
-    zl = torch.ops.dualvar.lse_fwd(z, z, 0.2, 0)
-    torch.library.opcheck(torch.ops.dualvar.lse_bwd_sym.default, (z, zl, torch.rand(12, generator=gen), 0.2))
-    video = torch.randint(0, 256, (2, 4, 3, 5, 3), dtype=torch.uint8, generator=gen)
-    lut = K.normalization_lut((0.5,) * 3, (0.2,) * 3, torch.bfloat16, "cpu")
-    torch.library.opcheck(torch.ops.dualvar.permute_frames.default, (video, K.identity_index(2, 4), lut, None))
+    zl = torch.ops.dualvar.contrastive_fwd(z, z, 0.2, 0)
+    torch.library.opcheck(torch.ops.dualvar.contrastive_bwd_sym.default, (z, zl, torch.rand(12, generator=gen), 0.2))

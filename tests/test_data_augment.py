@@ -33,7 +33,7 @@ def test_jitter_ops_match_torchvision(clips, gen, op, tv):
     else:
         f = torch.rand(N, generator=gen) * 1.6 + 0.2
     got = op(clips.clone(), f)
-    want = torch.stack([tv_per_frame(clips[i], lambda v: tv(v, float(f[i]))) for i in range(N)])
+    want = torch.stack([tv_per_frame(clips[i], lambda v, i=i: tv(v, float(f[i]))) for i in range(N)])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
@@ -44,7 +44,7 @@ def test_blur_matches_torchvision(clips, gen):
     assert K == 13
     x = torch.rand(N, 3, 2, 29, 31, generator=gen)
     got = A.gaussian_blur(x, sigma)
-    want = torch.stack([tv_per_frame(x[i], lambda v: TF.gaussian_blur(v, [K, K], [float(sigma[i])] * 2))
+    want = torch.stack([tv_per_frame(x[i], lambda v, i=i: TF.gaussian_blur(v, [K, K], [float(sigma[i])] * 2))
                         for i in range(N)])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
@@ -69,9 +69,9 @@ def test_apply_colour_matches_sequential_reference(clips, masked):
         want = clips[i]
         if japp[i]:
             for op in order[i].tolist():
-                want = tv_per_frame(want, lambda v: tv_ops[op](v, float(jit[i, op])))
+                want = tv_per_frame(want, lambda v, i=i, op=op: tv_ops[op](v, float(jit[i, op])))
         if bapp[i]:
-            want = tv_per_frame(want, lambda v: TF.gaussian_blur(v, [K, K], [float(sig[i])] * 2))
+            want = tv_per_frame(want, lambda v, i=i: TF.gaussian_blur(v, [K, K], [float(sig[i])] * 2))
         torch.testing.assert_close(got[i], want, atol=3e-5, rtol=0)
     torch.testing.assert_close(got[1], clips[1], atol=0, rtol=0)  # nothing applied: unchanged
 
@@ -114,7 +114,7 @@ def test_random_crop_is_clip_consistent_and_covers_offsets():
 
 def test_centre_crop_offsets_match_reference():
     clip = np.random.default_rng(2).integers(0, 256, (2, 171, 128, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(A.centre_crop(clip, 112), clip[:, 30:142, 8:120])  # METHOD.md 6.2: x 8, y 30
+    np.testing.assert_array_equal(A.centre_crop(clip, 112), clip[:, 30:142, 8:120])  # docs/method.md §6.2: x 8, y 30
     ref = TF.center_crop(torch.from_numpy(clip).permute(0, 3, 1, 2), [112, 112]).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(A.centre_crop(clip, 112), ref)
     odd = clip[:, :117, :113]

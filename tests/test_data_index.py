@@ -89,7 +89,7 @@ def test_hmdb51_index(synth, tmp_path):
     hroot, splits = tmp_path / "hmdb", tmp_path / "hmdb" / "testTrainMulti_7030_splits"
     os.makedirs(splits)
     want = {"train": 0, "test": 0}
-    for ci, cls in enumerate(["brush_hair", "cartwheel"]):
+    for cls in ["brush_hair", "cartwheel"]:
         os.makedirs(hroot / cls)
         lines = []
         for vi, rel in enumerate(info["train"][:3]):

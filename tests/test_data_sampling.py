@@ -1,4 +1,4 @@
-"""Clip sampling against literal transcriptions of METHOD.md 1.2, 5.2 and 6.2."""
+"""Clip sampling against literal transcriptions of docs/method.md §1.2, §5.2 and §6.2."""
 import math
 
 import numpy as np

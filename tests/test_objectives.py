@@ -1,14 +1,16 @@
-"""The DualVar objective vs a float64 transcription of the reference computation (METHOD.md 3.1-3.5):
-the masked-logits NT-Xent with a 2N x 2N label matrix, the 4-D avg-series similarity tensor, the
-scatter calibration and the naive capped log(1 + exp(.)); losses and every embedding gradient."""
+"""The DualVar objective vs a float64 transcription of the reference computation (docs/method.md §3.1-3.5):
+the masked-logits NT-Xent with a 2N x 2N label matrix and the 4-D avg-series similarity tensor; the
+shuffle-rank terms through the op's oracle `shuffle_rank_loss_reference`; losses and every embedding gradient."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import cpu_backends, needs_gpu
-from dualvar.engine.objectives import DualVarLoss, DualVarLossConfig, MoCoDualVarLoss, Queue
+import dualvar.kernels as K
+from helpers import cpu_backends, needs_gpu
+from dualvar.engine.frameworks import Embeddings
+from dualvar.engine.objectives import DualVarLoss, DualVarLossConfig, MoCoDualVarLoss, Queue, build_objective
 
 
 # ------------------------------------------------------------------ float64 reference transcription
@@ -27,22 +29,9 @@ def ref_nt_xent(features, N, temperature):
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long))
 
 
-def ref_rank(A, P, theta, cap, w):
-    B, s, _ = A.shape
-    X = torch.cat([A, P], dim=1)
-    S = torch.bmm(X, X.transpose(1, 2))
-    idx = torch.arange(2 * s)
-    cp = (idx + s) % (2 * s)
-    pos = S[:, idx, cp].unsqueeze(-1)
-    mask = (idx.view(-1, 1) != idx.view(1, -1)) & (cp.view(-1, 1) != idx.view(1, -1))
-    diff = ((S - pos) / theta)[:, mask]
-    return w * torch.log(1 + torch.exp(torch.clamp(diff, max=cap))).mean()
-
-
-def ref_calibrate(y_shuf, perm):
-    y = F.normalize(y_shuf, dim=-1)
-    idx = perm.unsqueeze(-1).expand_as(y)
-    return y.scatter(1, idx, y)  # out-of-place: out[b, perm[b, j]] = y[b, j]
+def ref_rank(A, y_shuf, perm, theta, cap, w):
+    """The shuffle-rank term through the op's one oracle (calibration, Gram matrix, capped softplus)."""
+    return K.shuffle_rank_loss_reference(A, y_shuf, perm, theta, cap=cap, weight=w)
 
 
 def ref_simclr(z0, z1, u0, u1, u2, y_shuf, perm, mode, tau, tau_a, theta, cap):
@@ -54,9 +43,8 @@ def ref_simclr(z0, z1, u0, u1, u2, y_shuf, perm, mode, tau, tau_a, theta, cap):
         sim4 = torch.matmul(U.unsqueeze(1), U.unsqueeze(0).transpose(-1, -2))  # (2N, 2N, s, s)
         out["tc_nce"] = ref_nt_xent(sim4.mean(dim=(-1, -2)), N, tau_a)
     if mode != "baseline":
-        P = ref_calibrate(y_shuf, perm)
-        out["sr_rank_view0"] = ref_rank(u0, P, theta, cap, 0.5)
-        out["sr_rank_view2"] = ref_rank(u2, P, theta, cap, 0.5)
+        out["sr_rank_view0"] = ref_rank(u0, y_shuf, perm, theta, cap, 0.5)
+        out["sr_rank_view2"] = ref_rank(u2, y_shuf, perm, theta, cap, 0.5)
     return out
 
 
@@ -70,9 +58,8 @@ def ref_moco(z_q, z_k, u_q, u_k, u2, y_shuf, perm, clip_queue, series_queue_full
         logits = torch.cat([pos, neg.mean(dim=(-1, -2))], 1) / tau_a
         out["tc_nce"] = F.cross_entropy(logits, torch.zeros(len(u_q), dtype=torch.long))
     if mode != "baseline":
-        P = ref_calibrate(y_shuf, perm)
-        out["sr_rank_view0"] = ref_rank(u_q, P, theta, cap, 0.5)
-        out["sr_rank_view2"] = ref_rank(u2, P, theta, cap, 0.5)
+        out["sr_rank_view0"] = ref_rank(u_q, y_shuf, perm, theta, cap, 0.5)
+        out["sr_rank_view2"] = ref_rank(u2, y_shuf, perm, theta, cap, 0.5)
     return out
 
 
@@ -91,6 +78,12 @@ def simclr_inputs(B, s, d, D, gen):
 
 def with_grad(inputs):
     return {k: (v.clone().requires_grad_(True) if v.dtype.is_floating_point else v) for k, v in inputs.items()}
+
+
+def record(inputs):
+    """The Embeddings record of named inputs (MoCo's query/key names map to views 0/1)."""
+    names = dict(z_q="z0", z_k="z1", u_q="u0", u_k="u1")
+    return Embeddings(**{names.get(k, k): v for k, v in inputs.items()})
 
 
 def assert_parts_and_grads(out, ref, ours_in, ref_in, names, rtol=1e-9, atol=1e-10):
@@ -114,7 +107,8 @@ CAPS = [(0.05, 5.0, True), (1.0, 5.0, False)]
 
 
 def _cap_is_active(inputs, theta, cap, anchor="u0"):
-    P = ref_calibrate(inputs["y_shuf"], inputs["perm"])
+    inv = inputs["perm"].argsort(1).unsqueeze(-1).expand_as(inputs["y_shuf"])
+    P = F.normalize(inputs["y_shuf"], dim=-1).gather(1, inv)  # calibrated: P[b, perm[b, j]] = y[b, j]
     X = torch.cat([inputs[anchor], P], 1)
     S = X @ X.transpose(1, 2)
     return bool(((S.max() - S.min()) / theta) > cap)
@@ -131,7 +125,7 @@ def test_simclr_objective_equals_reference(mode, s, theta, cap, active, backend,
     assert _cap_is_active(inputs, theta, cap) == active
     ours_in, ref_in = with_grad(inputs), with_grad(inputs)
     cfg = DualVarLossConfig(mode=mode, framework="simclr", tau=0.07, tau_a=0.1, theta=theta, cap=cap, backend=backend)
-    out = DualVarLoss(cfg)(**ours_in)
+    out = DualVarLoss(cfg)(record(ours_in))
     ref = ref_simclr(**ref_in, mode=mode, tau=0.07, tau_a=0.1, theta=theta, cap=cap)
     assert_parts_and_grads(out, ref, ours_in, ref_in, ["z0", "z1", "u0", "u1", "u2", "y_shuf"])
     if mode == "baseline":
@@ -162,7 +156,7 @@ def test_moco_objective_equals_reference(mode, s, theta, cap, active, backend, g
     ours_in, ref_in = with_grad(inputs), with_grad(inputs)
     cfg = DualVarLossConfig(mode=mode, framework="moco", tau=0.07, tau_a=0.1, theta=theta, cap=cap, backend=backend)
     loss = MoCoDualVarLoss(cfg, Queue(clip_q), Queue(series_full.mean(dim=1)))
-    out = loss(**ours_in)
+    out = loss(record(ours_in))
     ref = ref_moco(ref_in["z_q"], ref_in["z_k"].detach(), ref_in["u_q"], ref_in["u_k"].detach(), ref_in["u2"],
                    ref_in["y_shuf"], ref_in["perm"], clip_q, series_full, mode, 0.07, 0.1, theta, cap)
     assert_parts_and_grads(out, ref, ours_in, ref_in, ["z_q", "z_k", "u_q", "u_k", "u2", "y_shuf"])
@@ -181,7 +175,7 @@ def test_objective_on_fused_backends_float32(backend, gen):
     inputs = simclr_inputs(5, 2, 16, 8, gen)
     ours_in = {k: (v.float().requires_grad_(True) if v.dtype.is_floating_point else v) for k, v in inputs.items()}
     ref_in = with_grad(inputs)
-    out = DualVarLoss(DualVarLossConfig(backend=backend))(**ours_in)
+    out = DualVarLoss(DualVarLossConfig(backend=backend))(record(ours_in))
     ref = ref_simclr(**ref_in, mode="clip-sr-tc", tau=0.07, tau_a=0.07, theta=0.05, cap=5.0)
     assert_parts_and_grads(out, ref, ours_in, ref_in, ["z0", "z1", "u0", "u1", "u2", "y_shuf"], rtol=1e-4, atol=1e-5)
 
@@ -210,8 +204,8 @@ def test_moco_enqueue_stores_key_means_and_backward_after_enqueue(gen):
     ours_in = with_grad(inputs)
     loss = MoCoDualVarLoss(DualVarLossConfig(framework="moco", backend="torch"), Queue(clip_q),
                            Queue(series_full.mean(1)))
-    out = loss(**ours_in)
-    loss.enqueue(inputs["z_k"], inputs["u_k"])
+    out = loss(record(ours_in))
+    loss.update(record(inputs))
     torch.testing.assert_close(loss.clip_queue.entries[:4], inputs["z_k"])
     torch.testing.assert_close(loss.series_queue.entries[:4], inputs["u_k"].mean(1))
     out.total.backward()  # the queue update did not invalidate the graph
@@ -238,7 +232,9 @@ def test_config_validation():
     with pytest.raises(ValueError, match="u2 is required"):
         g = torch.Generator().manual_seed(0)
         x = simclr_inputs(2, 2, 4, 4, g)
-        DualVarLoss(DualVarLossConfig(mode="clip-sr"))(x["z0"], x["z1"], x["u0"], None, None, x["y_shuf"], x["perm"])
+        DualVarLoss(DualVarLossConfig(mode="clip-sr"))(record({**x, "u2": None}))
+    with pytest.raises(TypeError, match="Embeddings record"):
+        DualVarLoss(DualVarLossConfig())(x)
 
 
 @needs_gpu
@@ -253,7 +249,7 @@ def test_objective_on_gpu(framework, gen):
     cfg = DualVarLossConfig(framework=framework)
     if framework == "moco":
         loss = MoCoDualVarLoss(cfg, Queue(clip_q.float().cuda()), Queue(series_full.mean(1).float().cuda()))
-        out = loss(**cuda_in)
+        out = loss(record(cuda_in))
         ref = ref_moco(ref_in["z_q"], ref_in["z_k"].detach(), ref_in["u_q"], ref_in["u_k"].detach(), ref_in["u2"],
                        ref_in["y_shuf"], ref_in["perm"], clip_q, series_full, "clip-sr-tc", 0.07, 0.07, 0.05, cfg.cap)
         names = ["z_q", "u_q", "u2", "y_shuf"]
@@ -261,7 +257,7 @@ def test_objective_on_gpu(framework, gen):
         ren = dict(z_q="z0", z_k="z1", u_q="u0", u_k="u1")
         cuda_in = {ren.get(k, k): v for k, v in cuda_in.items()}
         ref_in = {ren.get(k, k): v for k, v in ref_in.items()}
-        out = DualVarLoss(cfg)(**cuda_in)
+        out = DualVarLoss(cfg)(record(cuda_in))
         ref = ref_simclr(**ref_in, mode="clip-sr-tc", tau=0.07, tau_a=0.07, theta=0.05, cap=5.0)
         names = ["z0", "z1", "u0", "u1", "u2", "y_shuf"]
     for name, value in ref.items():
@@ -277,24 +273,32 @@ def _dist_worker(rank, world, port, inputs, mode, out_dir):
     import os
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         B = inputs["z0"].shape[0] // world
         local = {k: v[rank * B:(rank + 1) * B].clone() for k, v in inputs.items()}
         local = with_grad(local)
         cfg = DualVarLossConfig(mode=mode, distributed=True, backend="cpu")
-        out = DualVarLoss(cfg)(**local)
+        out = DualVarLoss(cfg)(record(local))
         out.total.backward()
+        # MoCo: every rank enqueues every rank's keys, in rank order
+        moco = build_objective(DualVarLossConfig(mode=mode, framework="moco", distributed=True, backend="cpu"),
+                               queue_size=4 * B * world, clip_dim=local["z1"].shape[1],
+                               series_dim=local["u1"].shape[2], generator=torch.Generator().manual_seed(rank))
+        moco.update(record(local))
         torch.save({"parts": {k: v.detach() for k, v in out.parts().items()},
-                    "grads": {k: v.grad for k, v in local.items() if v.dtype.is_floating_point}},
+                    "grads": {k: v.grad for k, v in local.items() if v.dtype.is_floating_point},
+                    "queues": moco.state_dict()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_reproduce_single_process_gradient(tmp_path, gen):
-    """METHOD.md 4(a): with DDP's averaging, W ranks give the single-process global-batch gradient,
-    i.e. (1/W) * (rank r's embedding gradient) = dL_global/d(rank r's embeddings); losses average."""
+    """docs/method.md §4(a): with DDP's averaging, W ranks give the single-process global-batch gradient,
+    i.e. (1/W) * (rank r's embedding gradient) = dL_global/d(rank r's embeddings); losses average.
+    MoCo's update enqueues the keys of every rank on every rank."""
     import socket
     import torch.multiprocessing as mp
     inputs = simclr_inputs(6, 2, 8, 16, gen)
@@ -304,7 +308,7 @@ def test_two_ranks_reproduce_single_process_gradient(tmp_path, gen):
     W = 2
     mp.spawn(_dist_worker, args=(W, port, inputs, "clip-sr-tc", str(tmp_path)), nprocs=W, join=True)
     ours_in = with_grad(inputs)
-    single = DualVarLoss(DualVarLossConfig(backend="cpu"))(**ours_in)
+    single = DualVarLoss(DualVarLossConfig(backend="cpu"))(record(ours_in))
     single.total.backward()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(W)]
     for name in ("total", "clip_nce", "tc_nce", "sr_rank_view0", "sr_rank_view2"):
@@ -315,3 +319,55 @@ def test_two_ranks_reproduce_single_process_gradient(tmp_path, gen):
         for r in range(W):
             torch.testing.assert_close(ranks[r]["grads"][name] / W, ours_in[name].grad[r * B:(r + 1) * B],
                                        rtol=1e-9, atol=1e-12, msg=f"{name} rank {r}")
+    for r in range(W):
+        q = ranks[r]["queues"]
+        torch.testing.assert_close(q["clip_queue.entries"][:W * B], inputs["z1"].float(), msg=f"rank {r}")
+        torch.testing.assert_close(q["series_queue.entries"][:W * B], inputs["u1"].mean(1).float(), msg=f"rank {r}")
+        assert int(q["clip_queue.ptr"]) == int(q["series_queue.ptr"]) == W * B
+
+
+# ------------------------------------------------------------------ record API: build_objective, update, NaN
+def test_build_objective_and_update(gen):
+    simclr = build_objective(DualVarLossConfig(framework="simclr"))
+    assert isinstance(simclr, DualVarLoss) and simclr.update(record(simclr_inputs(2, 2, 4, 8, gen))) is None
+    cfg = DualVarLossConfig(framework="moco", backend="torch")
+    loss = build_objective(cfg, queue_size=8, clip_dim=16, series_dim=8, n_series=3, generator=gen)
+    assert isinstance(loss, MoCoDualVarLoss)
+    assert loss.clip_queue.entries.shape == (8, 16) and loss.series_queue.entries.shape == (8, 8)
+    torch.testing.assert_close(loss.clip_queue.entries.norm(dim=1), torch.ones(8))
+    # the series queue holds means of 3 unit chunks: norms below 1, not unit
+    assert bool((loss.series_queue.entries.norm(dim=1) < 1 - 1e-3).all())
+    assert set(loss.state_dict()) == {"clip_queue.entries", "clip_queue.ptr", "series_queue.entries",
+                                      "series_queue.ptr"}
+    inputs, _, _ = moco_setup(4, 3, 8, 16, 8, gen)
+    inputs = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+    loss.update(record(inputs))
+    torch.testing.assert_close(loss.clip_queue.entries[:4], inputs["z_k"])
+    torch.testing.assert_close(loss.series_queue.entries[:4], inputs["u_k"].mean(1))
+    assert int(loss.clip_queue.ptr) == 4 and int(loss.series_queue.ptr) == 4
+    # a baseline record carries no series: only the clip queue moves
+    loss.update(Embeddings(z0=inputs["z_q"], z1=inputs["z_k"]))
+    assert int(loss.clip_queue.ptr) == 0 and int(loss.series_queue.ptr) == 4
+    with pytest.raises(ValueError, match="queue_size"):
+        build_objective(cfg, queue_size=0)
+
+
+@pytest.mark.parametrize("framework", ["simclr", "moco"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("field", ["z0", "z1", "u0", "u1", "u2", "y_shuf"])
+def test_nan_in_one_embedding_gives_nan_total(framework, field, backend, gen):
+    """NaN in -> NaN out: one NaN in any embedding the mode uses makes its part and the total NaN
+    (MoCo: the key's NaN reaches clip_nce and tc_nce), never an exception or a silently finite total."""
+    inputs, clip_q, series_full = moco_setup(4, 2, 8, 16, 8, gen)
+    names = dict(z_q="z0", z_k="z1", u_q="u0", u_k="u1")
+    inputs = {names.get(k, k): v for k, v in inputs.items()}
+    inputs[field] = inputs[field].clone()
+    inputs[field][1, 0] = float("nan")
+    cfg = DualVarLossConfig(framework=framework, backend=backend)
+    loss = (DualVarLoss(cfg) if framework == "simclr"
+            else MoCoDualVarLoss(cfg, Queue(clip_q), Queue(series_full.mean(1))))
+    out = loss(record(inputs))
+    assert torch.isnan(out.total), out.parts()
+    part = {"z0": "clip_nce", "z1": "clip_nce", "u1": "tc_nce", "u2": "sr_rank_view2", "y_shuf": "sr_rank_view0",
+            "u0": "sr_rank_view0"}[field]
+    assert torch.isnan(getattr(out, part)), (part, out.parts())

@@ -1,7 +1,7 @@
 // Frame permutation on the CPU: one pass, uint8 read once, output written once.
 // Normalisation is a per-channel 256-entry lookup table computed by the caller with the same
 // float ops as the reference, so the result is bit-identical to it in every output dtype.
-#include "cpu_kernels.h"
+#include "permute_frames.h"
 
 #include <cstring>
 #if defined(__SSE2__)
@@ -77,14 +77,13 @@ void dispatch_channels(const uint8_t* video, const int64_t* frame_index, const u
 
 }  // namespace
 
-void permute_frames_rows(const uint8_t* video, const int64_t* frame_index, const uint8_t* hflip,
-                         const void* lut, void* out, int64_t B, int64_t T, int64_t T_out, int64_t H,
-                         int64_t W, int64_t C, int elem_bytes, int64_t row_begin, int64_t row_end) {
-  (void)B;
-  if (elem_bytes == 4)
-    dispatch_channels<uint32_t>(video, frame_index, hflip, lut, out, T, T_out, H, W, C, row_begin, row_end);
+void permute_frames_rows(const permute_frames::Params& p, int64_t row_begin, int64_t row_end) {
+  if (p.elem_bytes == 4)
+    dispatch_channels<uint32_t>(p.video, p.frame_index, p.hflip, p.lut, p.out, p.T, p.T_out, p.H, p.W, p.C, row_begin,
+                                row_end);
   else
-    dispatch_channels<uint16_t>(video, frame_index, hflip, lut, out, T, T_out, H, W, C, row_begin, row_end);
+    dispatch_channels<uint16_t>(p.video, p.frame_index, p.hflip, p.lut, p.out, p.T, p.T_out, p.H, p.W, p.C, row_begin,
+                                row_end);
 }
 
 }  // namespace cpu

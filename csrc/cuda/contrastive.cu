@@ -141,10 +141,13 @@ struct SimilarityTile<T, true> {
 #endif
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) lse_forward_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                                                               float* __restrict__ lse, int64_t R, int64_t C,
-                                                               int64_t D, int64_t sq, int64_t sk, float scale,
-                                                               bool has_offset, int64_t offset) {
+__global__ void __launch_bounds__(kThreads) contrastive_fwd_kernel(ContrastiveFwdParams p) {
+  const T* __restrict__ q = static_cast<const T*>(p.q);
+  const T* __restrict__ k = static_cast<const T*>(p.k);
+  float* __restrict__ lse = p.lse;
+  const int64_t R = p.R, C = p.C, D = p.D, sq = p.stride_q, sk = p.stride_k, offset = p.offset;
+  const float scale = p.scale;
+  const bool has_offset = p.has_offset;
   __shared__ SimilarityTile<T> tile;
   __shared__ float S[kTile][kTile + 1];
   const int64_t row0 = (int64_t)blockIdx.x * kTile;
@@ -182,14 +185,17 @@ __global__ void __launch_bounds__(kThreads) lse_forward_kernel(const T* __restri
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) lse_backward_kernel(const T* __restrict__ x, const T* __restrict__ y,
-                                                                const float* __restrict__ lse_r,
-                                                                const float* __restrict__ g_r,
-                                                                const float* __restrict__ lse_c,
-                                                                const float* __restrict__ g_c, float* __restrict__ out,
-                                                                int64_t R, int64_t C, int64_t D, int64_t sx,
-                                                                int64_t sy, float scale, bool has_offset,
-                                                                int64_t offset) {
+__global__ void __launch_bounds__(kThreads) contrastive_bwd_kernel(ContrastiveBwdParams p) {
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ y = static_cast<const T*>(p.y);
+  const float* __restrict__ lse_r = p.lse_r;
+  const float* __restrict__ g_r = p.g_r;
+  const float* __restrict__ lse_c = p.lse_c;
+  const float* __restrict__ g_c = p.g_c;
+  float* __restrict__ out = p.out;
+  const int64_t R = p.R, C = p.C, D = p.D, sx = p.stride_x, sy = p.stride_y, offset = p.offset;
+  const float scale = p.scale;
+  const bool has_offset = p.has_offset;
   __shared__ SimilarityTile<T> tile;
   __shared__ float H[kTile][kTile + 1];
   __shared__ float yo[kTile][kOutChunk];
@@ -239,54 +245,39 @@ __global__ void __launch_bounds__(kThreads) lse_backward_kernel(const T* __restr
 }
 
 template <typename T>
-cudaError_t forward_t(const void* q, const void* k, float* lse, int64_t R, int64_t C, int64_t D, int64_t sq,
-                      int64_t sk, float scale, bool has_offset, int64_t offset, cudaStream_t s) {
-  if (R == 0) return cudaSuccess;
-  dim3 grid((unsigned)((R + kTile - 1) / kTile));
-  lse_forward_kernel<T><<<grid, kThreads, 0, s>>>(static_cast<const T*>(q), static_cast<const T*>(k), lse, R, C,
-                                                  D, sq, sk, scale, has_offset, offset);
+cudaError_t forward_t(const ContrastiveFwdParams& p, cudaStream_t s) {
+  if (p.R == 0) return cudaSuccess;
+  dim3 grid((unsigned)((p.R + kTile - 1) / kTile));
+  contrastive_fwd_kernel<T><<<grid, kThreads, 0, s>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t backward_t(const void* x, const void* y, const float* lse_r, const float* g_r, const float* lse_c,
-                       const float* g_c, float* out, int64_t R, int64_t C, int64_t D, int64_t sx, int64_t sy,
-                       float scale, bool has_offset, int64_t offset, cudaStream_t s) {
-  if (R == 0 || D == 0) return cudaSuccess;  // nothing to write; D = 0 would be an empty grid
-  dim3 grid((unsigned)((R + kTile - 1) / kTile), (unsigned)((D + kOutChunk - 1) / kOutChunk));
-  lse_backward_kernel<T><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<const T*>(y), lse_r, g_r,
-                                                   lse_c, g_c, out, R, C, D, sx, sy, scale, has_offset, offset);
+cudaError_t backward_t(const ContrastiveBwdParams& p, cudaStream_t s) {
+  if (p.R == 0 || p.D == 0) return cudaSuccess;  // nothing to write; D = 0 would be an empty grid
+  dim3 grid((unsigned)((p.R + kTile - 1) / kTile), (unsigned)((p.D + kOutChunk - 1) / kOutChunk));
+  contrastive_bwd_kernel<T><<<grid, kThreads, 0, s>>>(p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int lse_forward(const void* q, const void* k, float* lse, int64_t R, int64_t C, int64_t D, int64_t stride_q,
-                int64_t stride_k, int dtype, float scale, bool has_offset, int64_t offset, void* stream) {
+int contrastive_fwd(const ContrastiveFwdParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return (int)forward_t<float>(q, k, lse, R, C, D, stride_q, stride_k, scale, has_offset, offset, s);
-    case 1: return (int)forward_t<__half>(q, k, lse, R, C, D, stride_q, stride_k, scale, has_offset, offset, s);
-    case 2:
-      return (int)forward_t<__nv_bfloat16>(q, k, lse, R, C, D, stride_q, stride_k, scale, has_offset, offset, s);
+  switch (p.dtype) {
+    case DType::kFloat32: return (int)forward_t<float>(p, s);
+    case DType::kFloat16: return (int)forward_t<__half>(p, s);
+    case DType::kBFloat16: return (int)forward_t<__nv_bfloat16>(p, s);
   }
   return (int)cudaErrorInvalidValue;
 }
 
-int lse_backward(const void* x, const void* y, const float* lse_r, const float* g_r, const float* lse_c,
-                 const float* g_c, float* out, int64_t R, int64_t C, int64_t D, int64_t stride_x, int64_t stride_y,
-                 int dtype, float scale, bool has_offset, int64_t offset, void* stream) {
+int contrastive_bwd(const ContrastiveBwdParams& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0:
-      return (int)backward_t<float>(x, y, lse_r, g_r, lse_c, g_c, out, R, C, D, stride_x, stride_y, scale,
-                                    has_offset, offset, s);
-    case 1:
-      return (int)backward_t<__half>(x, y, lse_r, g_r, lse_c, g_c, out, R, C, D, stride_x, stride_y, scale,
-                                     has_offset, offset, s);
-    case 2:
-      return (int)backward_t<__nv_bfloat16>(x, y, lse_r, g_r, lse_c, g_c, out, R, C, D, stride_x, stride_y, scale,
-                                            has_offset, offset, s);
+  switch (p.dtype) {
+    case DType::kFloat32: return (int)backward_t<float>(p, s);
+    case DType::kFloat16: return (int)backward_t<__half>(p, s);
+    case DType::kBFloat16: return (int)backward_t<__nv_bfloat16>(p, s);
   }
   return (int)cudaErrorInvalidValue;
 }

@@ -1,22 +1,46 @@
-// Launchers of the fused contrastive primitive on CUDA (raw pointers, no torch headers).
-// dtype: 0 = float32, 1 = float16, 2 = bfloat16 (inputs); lse, grad and outputs are float32.
-// Return the launch's cudaError_t as int.
+// Fused contrastive primitive, CUDA launchers (declarations): device pointers and a stream, no torch
+// headers; bound to torch.ops.dualvar.contrastive_fwd / contrastive_bwd / contrastive_bwd_sym in
+// csrc/contrastive.cpp. Each launcher takes one parameter struct and returns the launch's cudaError_t as int.
 #pragma once
 #include <cstdint>
+
+#include "dtype.h"
 
 namespace dualvar {
 namespace cuda {
 
-// lse[r] = log sum_{c != r + offset} exp(q[r] . k[c] * scale)
-int lse_forward(const void* q, const void* k, float* lse, int64_t R, int64_t C, int64_t D, int64_t stride_q,
-                int64_t stride_k, int dtype, float scale, bool has_offset, int64_t offset, void* stream);
+// lse[r] = log sum_{c != r + offset} exp(q[r] . k[c] * scale) for r < R, c < C.
+struct ContrastiveFwdParams {
+  const void* q;  // (R, D) rows of stride stride_q elements, unit stride along D; element type dtype
+  const void* k;  // (C, D) rows of stride stride_k
+  float* lse;     // (R,) contiguous
+  int64_t R, C, D, stride_q, stride_k;
+  DType dtype;
+  float scale;      // 1 / temperature
+  bool has_offset;  // exclude column r + offset of row r (self-similarity)
+  int64_t offset;
+};
 
-// out[r] = sum_c H[r, c] y[c],  H = scale * (row_term: g_r[r] exp(s*scale - lse_r[r])
-//                                            + col_term: g_c[c] exp(s*scale - lse_c[c])), s = x[r] . y[c]
-// excluded column c = r + offset gets H = 0. Pass nullptr for lse_r/g_r or lse_c/g_c to drop a term.
-int lse_backward(const void* x, const void* y, const float* lse_r, const float* g_r, const float* lse_c,
-                 const float* g_c, float* out, int64_t R, int64_t C, int64_t D, int64_t stride_x, int64_t stride_y,
-                 int dtype, float scale, bool has_offset, int64_t offset, void* stream);
+// out[r] = sum_c H[r, c] y[c],  H = scale * (g_r[r] exp(s*scale - lse_r[r]) + g_c[c] exp(s*scale - lse_c[c])),
+// s = x[r] . y[c]; the excluded column c = r + offset gets H = 0. lse_r/g_r or lse_c/g_c may be
+// nullptr (that term dropped).
+struct ContrastiveBwdParams {
+  const void* x;  // (R, D) rows of stride stride_x, unit stride along D; element type dtype
+  const void* y;  // (C, D) rows of stride stride_y
+  const float* lse_r;
+  const float* g_r;  // (R,) contiguous, or nullptr
+  const float* lse_c;
+  const float* g_c;  // (C,) contiguous, or nullptr
+  float* out;        // (R, D) contiguous
+  int64_t R, C, D, stride_x, stride_y;
+  DType dtype;
+  float scale;
+  bool has_offset;
+  int64_t offset;
+};
+
+int contrastive_fwd(const ContrastiveFwdParams& p, void* stream);
+int contrastive_bwd(const ContrastiveBwdParams& p, void* stream);
 
 }  // namespace cuda
 }  // namespace dualvar

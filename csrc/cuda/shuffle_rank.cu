@@ -1,13 +1,17 @@
-// Shuffle-rank loss, CUDA kernels: one warp per sample. Lanes stride over d to accumulate the raw
-// Gram blocks (A A^T, A Y^T, Y Y^T, and A2 ...) with warp-shuffle reductions into shared memory;
-// lane 0 ranks the sample (the math shared with the CPU kernel, csrc/cpu/shuffle_rank.h); in the
-// backward, lanes then write each gradient row as a linear combination of input rows.
-// The forward reduces per block in shared memory and issues 4 atomics per block.
+// Shuffle-rank loss, CUDA kernels: one warp per sample. Lanes stride over d: first the max-abs of each
+// shuffled row (its power-of-two scale, so the squared norm cannot overflow) and a finiteness check of
+// every input row, then the raw Gram blocks (A A^T, A Y^T, Y Y^T, and A2 ...) with warp-shuffle
+// reductions into shared memory; lane 0 ranks the sample (the math shared with the CPU kernel,
+// csrc/common/shuffle_rank.h). The normalisation uses correctly rounded sqrt and division even under
+// --use_fast_math, so that with d = 1 every similarity is exactly +-1 and ties stay ties.
+// Forward: per-warp sums in sample order, per-block sums in warp order, and the last block to finish
+// adds the blocks' partials in block order: deterministic, no float atomics.
+// Backward: lanes turn dL/dS into coefficient matrices, then write each gradient row as a linear
+// combination of input rows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "../cpu/shuffle_rank.h"
 #include "shuffle_rank.h"
 
 namespace dualvar {
@@ -15,7 +19,8 @@ namespace cuda {
 namespace {
 
 constexpr int S = shuffle_rank::kMaxS;
-constexpr int kWarps = 4;  // samples per block
+constexpr int kWarps = 4;        // samples per block
+constexpr int kMaxBlocks = 4096;
 constexpr float kEps = 1e-12f;
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -34,141 +39,243 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
 
+// Per-warp shared memory: the Gram blocks of the warp's current sample (forward and backward) ...
 struct Smem {
-  float Gaa[S * S], Gbb[S * S], Sap[S * S], Sbp[S * S], Spp[S * S], nu[S], n[S];
+  float Gaa[S * S], Gbb[S * S], Sap[S * S], Sbp[S * S], Spp[S * S];
+  float f[S];  // 2^-e of each shuffled row: y_hat = y * f
+  shuffle_rank::RowNorm<float> norm[S];
+};
+// ... and, in the backward only, dL/dS and the coefficients of the gradient rows
+// (gradient row i = sum_k C[i*s+k] * input row k, see shuffle_rank_bwd_kernel).
+struct GradSmem {
   float Haa[S * S], Hbb[S * S], Hap[S * S], Hbp[S * S], Hpp[S * S], r[S];
+  float CA[S * S], CAY[S * S], CB[S * S], CBY[S * S], CY[S * S], CYA[S * S], CYB[S * S];
 };
 
-// Gram blocks of sample b into sm (all lanes participate; lane 0 writes).
+// Scales, norms and Gram blocks of sample b into sm (all lanes participate; lane 0 writes).
+// Returns true (on every lane) when any input row of the sample holds a NaN or inf.
 template <typename T>
-__device__ void grams(const T* a, const T* a2, const T* y, int64_t b, int s, int64_t d, int64_t sa_b,
-                      int64_t sa_s, int64_t sb_b, int64_t sb_s, int64_t sy_b, int64_t sy_s, Smem& sm, int lane) {
-  const T* A = a + b * sa_b;
-  const T* A2 = a2 ? a2 + b * sb_b : nullptr;
-  const T* Y = y + b * sy_b;
-  auto dot = [&](const T* u, int64_t su, int i, const T* v, int64_t sv, int j) {
-    float acc = 0.f;
-    for (int64_t t = lane; t < d; t += 32) acc += to_f(u[i * su + t]) * to_f(v[j * sv + t]);
-    return warp_sum(acc);
-  };
+__device__ bool grams(const shuffle_rank::Inputs& in, int64_t b, Smem& sm, int lane) {
+  const int s = (int)in.s;
+  const int64_t d = in.d;
+  const T* A = static_cast<const T*>(in.anchor) + b * in.anchor_stride_b;
+  const T* A2 = in.anchor2 ? static_cast<const T*>(in.anchor2) + b * in.anchor2_stride_b : nullptr;
+  const T* Y = static_cast<const T*>(in.shuffled) + b * in.shuffled_stride_b;
+  const int64_t sa = in.anchor_stride_s, sb = in.anchor2_stride_s, sy = in.shuffled_stride_s;
+  bool finite = true;
+  for (int i = 0; i < s; ++i)
+    for (int64_t t = lane; t < d; t += 32) {
+      finite = finite && hd::is_finite(to_f(A[i * sa + t]));
+      if (A2) finite = finite && hd::is_finite(to_f(A2[i * sb + t]));
+    }
   for (int j = 0; j < s; ++j) {
-    const float n = sqrtf(dot(Y, sy_s, j, Y, sy_s, j));
+    float mx = 0.f;
+    for (int64_t t = lane; t < d; t += 32) {
+      const float v = to_f(Y[j * sy + t]);
+      finite = finite && hd::is_finite(v);
+      mx = fmaxf(mx, fabsf(v));
+    }
+    mx = warp_max(mx);
+    const int e = shuffle_rank::scale_exponent<float>(mx);
+    const float f = hd::pow2(0.f, -e);
+    float acc = 0.f;
+    for (int64_t t = lane; t < d; t += 32) {
+      const float v = to_f(Y[j * sy + t]) * f;
+      acc += v * v;
+    }
+    const shuffle_rank::RowNorm<float> nrm = shuffle_rank::row_norm<float>(warp_sum(acc), e, kEps);
     if (lane == 0) {
-      sm.n[j] = n;
-      sm.nu[j] = fmaxf(n, kEps);
+      sm.f[j] = f;
+      sm.norm[j] = nrm;
     }
   }
+  const bool bad = __any_sync(0xffffffffu, !finite);
   __syncwarp();
+  auto dot = [&](const T* u, int64_t su, int i, float fu, const T* v, int64_t sv, int j, float fv) {
+    float acc = 0.f;
+    for (int64_t t = lane; t < d; t += 32) acc += (to_f(u[i * su + t]) * fu) * (to_f(v[j * sv + t]) * fv);
+    return warp_sum(acc);
+  };
   for (int i = 0; i < s; ++i)
     for (int j = 0; j < s; ++j) {
-      const float gaa = j >= i ? dot(A, sa_s, i, A, sa_s, j) : 0.f;
-      const float gyy = j >= i ? dot(Y, sy_s, i, Y, sy_s, j) : 0.f;
-      const float gay = dot(A, sa_s, i, Y, sy_s, j);
+      const float fi = sm.f[i], fj = sm.f[j];
+      const float gaa = j >= i ? dot(A, sa, i, 1.f, A, sa, j, 1.f) : 0.f;
+      const float gyy = j >= i ? dot(Y, sy, i, fi, Y, sy, j, fj) : 0.f;
+      const float gay = dot(A, sa, i, 1.f, Y, sy, j, fj);
       float gbb = 0.f, gby = 0.f;
       if (A2) {
-        gbb = j >= i ? dot(A2, sb_s, i, A2, sb_s, j) : 0.f;
-        gby = dot(A2, sb_s, i, Y, sy_s, j);
+        gbb = j >= i ? dot(A2, sb, i, 1.f, A2, sb, j, 1.f) : 0.f;
+        gby = dot(A2, sb, i, 1.f, Y, sy, j, fj);
       }
       if (lane == 0) {
+        const float dvi = sm.norm[i].dv, dvj = sm.norm[j].dv;
         if (j >= i) {
           sm.Gaa[i * s + j] = sm.Gaa[j * s + i] = gaa;
-          sm.Spp[i * s + j] = sm.Spp[j * s + i] = gyy / (sm.nu[i] * sm.nu[j]);
+          sm.Spp[i * s + j] = sm.Spp[j * s + i] = hd::div_rn(gyy, dvi * dvj);
           sm.Gbb[i * s + j] = sm.Gbb[j * s + i] = gbb;
         }
-        sm.Sap[i * s + j] = gay / sm.nu[j];
-        sm.Sbp[i * s + j] = gby / sm.nu[j];
+        sm.Sap[i * s + j] = hd::div_rn(gay, dvj);
+        sm.Sbp[i * s + j] = hd::div_rn(gby, dvj);
       }
     }
   __syncwarp();
+  return bad;
 }
 
 template <typename T>
-__global__ void shuffle_rank_fwd_kernel(const T* __restrict__ a, const T* __restrict__ a2, const T* __restrict__ y,
-                           const int64_t* __restrict__ perm, float* __restrict__ out, int64_t B, int s, int64_t d,
-                           int64_t sa_b, int64_t sa_s, int64_t sb_b, int64_t sb_s, int64_t sy_b, int64_t sy_s,
-                           float inv_theta, float cap, float coef0, float coef2, float acc_scale) {
+__global__ void shuffle_rank_fwd_kernel(ShuffleRankFwdParams p) {
   __shared__ Smem smem[kWarps];
   __shared__ float part[kWarps][4];
+  __shared__ double total[kWarps * 32][4];
+  __shared__ bool last_block;
+  const shuffle_rank::Inputs& in = p.in;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int s = (int)in.s;
+  const float inv_theta = (float)in.inv_theta, cap = (float)in.cap;
   Smem& sm = smem[warp];
   float sums[4] = {0.f, 0.f, 0.f, 0.f};
   // grid-stride over samples, one warp per sample
-  for (int64_t b = (int64_t)blockIdx.x * kWarps + warp; b < B; b += (int64_t)gridDim.x * kWarps) {
-    grams(a, a2, y, b, s, d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, sm, lane);
+  for (int64_t b = (int64_t)blockIdx.x * kWarps + warp; b < in.B; b += (int64_t)gridDim.x * kWarps) {
+    const bool bad = grams<T>(in, b, sm, lane);
     if (lane == 0) {
-      shuffle_rank::rank_sample<float>(s, sm.Gaa, sm.Sap, sm.Spp, perm + b * s, inv_theta, cap, 0.f, &sums[0],
+      shuffle_rank::rank_sample<float>(s, sm.Gaa, sm.Sap, sm.Spp, in.perm + b * s, inv_theta, cap, 0.f, &sums[0],
                                        &sums[2], nullptr, nullptr, nullptr);
-      if (a2)
-        shuffle_rank::rank_sample<float>(s, sm.Gbb, sm.Sbp, sm.Spp, perm + b * s, inv_theta, cap, 0.f, &sums[1],
+      if (in.anchor2)
+        shuffle_rank::rank_sample<float>(s, sm.Gbb, sm.Sbp, sm.Spp, in.perm + b * s, inv_theta, cap, 0.f, &sums[1],
                                          &sums[3], nullptr, nullptr, nullptr);
+      if (bad) sums[0] = sums[1] = __int_as_float(0x7fc00000);  // NaN in, NaN out
     }
     __syncwarp();
   }
   if (lane == 0)
     for (int k = 0; k < 4; ++k) part[warp][k] = sums[k];
   __syncthreads();
+  unsigned int* counter = reinterpret_cast<unsigned int*>(p.workspace);
+  float* partials = p.workspace + 4;
   if (threadIdx.x == 0) {
-    float tot[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int w = 0; w < kWarps; ++w)
-      for (int k = 0; k < 4; ++k) tot[k] += part[w][k];
-    atomicAdd(out + 0, tot[0] * coef0);
-    atomicAdd(out + 2, tot[2] * acc_scale);
-    if (a2) {
-      atomicAdd(out + 1, tot[1] * coef2);
-      atomicAdd(out + 3, tot[3] * acc_scale);
+    for (int k = 0; k < 4; ++k) {
+      float tot = 0.f;
+      for (int w = 0; w < kWarps; ++w) tot += part[w][k];
+      partials[blockIdx.x * 4 + k] = tot;
     }
+    __threadfence();  // the partials are visible device-wide before the counter says so
+    last_block = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  // The last block: each thread adds a fixed, strided subset of the blocks in order, then a fixed tree.
+  const volatile float* vp = partials;
+  for (int k = 0; k < 4; ++k) {
+    double acc = 0.0;
+    for (unsigned int blk = threadIdx.x; blk < gridDim.x; blk += blockDim.x) acc += (double)vp[blk * 4 + k];
+    total[threadIdx.x][k] = acc;
+  }
+  __syncthreads();
+  for (int stride = kWarps * 16; stride > 0; stride >>= 1) {
+    if ((int)threadIdx.x < stride)
+      for (int k = 0; k < 4; ++k) total[threadIdx.x][k] += total[threadIdx.x + stride][k];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const bool two = in.anchor2 != nullptr;
+    p.out[0] = (float)(total[0][0] * (double)p.coef0);
+    p.out[1] = two ? (float)(total[0][1] * (double)p.coef2) : 0.f;
+    p.out[2] = (float)(total[0][2] * (double)p.acc_scale);
+    p.out[3] = two ? (float)(total[0][3] * (double)p.acc_scale) : 0.f;
+    *counter = 0u;  // reusable by a later launch
   }
 }
 
 template <typename T>
-__global__ void shuffle_rank_bwd_kernel(const T* __restrict__ a, const T* __restrict__ a2, const T* __restrict__ y,
-                           const int64_t* __restrict__ perm, const float* __restrict__ grad, int64_t grad_stride,
-                           T* __restrict__ da, T* __restrict__ da2, T* __restrict__ dy, int64_t B, int s, int64_t d,
-                           int64_t sa_b, int64_t sa_s, int64_t sb_b, int64_t sb_s, int64_t sy_b, int64_t sy_s,
-                           float inv_theta, float cap, float gcoef0, float gcoef2) {
+__global__ void shuffle_rank_bwd_kernel(ShuffleRankBwdParams p) {
   __shared__ Smem smem[kWarps];
+  __shared__ GradSmem gsmem[kWarps];
+  const shuffle_rank::Inputs& in = p.in;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int s = (int)in.s;
+  const int64_t d = in.d;
+  const float inv_theta = (float)in.inv_theta, cap = (float)in.cap;
+  const bool two = in.anchor2 != nullptr;
   Smem& sm = smem[warp];
-  const float gs0 = grad[0] * gcoef0;
-  const float gs2 = a2 ? grad[grad_stride] * gcoef2 : 0.f;
-  for (int64_t b = (int64_t)blockIdx.x * kWarps + warp; b < B; b += (int64_t)gridDim.x * kWarps) {
-    grams(a, a2, y, b, s, d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, sm, lane);
+  GradSmem& gm = gsmem[warp];
+  const float gs0 = p.grad[0] * p.gcoef0;
+  const float gs2 = two ? p.grad[p.grad_stride] * p.gcoef2 : 0.f;
+  T* da = static_cast<T*>(p.grads.d_anchor);
+  T* da2 = static_cast<T*>(p.grads.d_anchor2);
+  T* dy = static_cast<T*>(p.grads.d_shuffled);
+  for (int64_t b = (int64_t)blockIdx.x * kWarps + warp; b < in.B; b += (int64_t)gridDim.x * kWarps) {
+    const bool bad = grams<T>(in, b, sm, lane);
+    if (bad) {  // NaN in, NaN out: the sample's gradient rows are NaN
+      const T nan = from_f<T>(__int_as_float(0x7fc00000));
+      for (int64_t o = lane; o < s * d; o += 32) {
+        da[b * s * d + o] = nan;
+        if (da2) da2[b * s * d + o] = nan;
+        dy[b * s * d + o] = nan;
+      }
+      __syncwarp();
+      continue;
+    }
     if (lane == 0) {
-      for (int k = 0; k < s * s; ++k) sm.Haa[k] = sm.Hbb[k] = sm.Hap[k] = sm.Hbp[k] = sm.Hpp[k] = 0.f;
+      for (int k = 0; k < s * s; ++k) gm.Haa[k] = gm.Hbb[k] = gm.Hap[k] = gm.Hbp[k] = gm.Hpp[k] = 0.f;
       float l = 0.f, c = 0.f;
-      shuffle_rank::rank_sample<float>(s, sm.Gaa, sm.Sap, sm.Spp, perm + b * s, inv_theta, cap, gs0, &l, &c,
-                                       sm.Haa, sm.Hap, sm.Hpp);
-      if (a2)
-        shuffle_rank::rank_sample<float>(s, sm.Gbb, sm.Sbp, sm.Spp, perm + b * s, inv_theta, cap, gs2, &l, &c,
-                                         sm.Hbb, sm.Hbp, sm.Hpp);
+      shuffle_rank::rank_sample<float>(s, sm.Gaa, sm.Sap, sm.Spp, in.perm + b * s, inv_theta, cap, gs0, &l, &c,
+                                       gm.Haa, gm.Hap, gm.Hpp);
+      if (two)
+        shuffle_rank::rank_sample<float>(s, sm.Gbb, sm.Sbp, sm.Spp, in.perm + b * s, inv_theta, cap, gs2, &l, &c,
+                                         gm.Hbb, gm.Hbp, gm.Hpp);
       for (int j = 0; j < s; ++j) {  // p_j . dL/dp_j from the Gram blocks
         float acc = 0.f;
-        for (int k = 0; k < s; ++k) acc += (sm.Hpp[j * s + k] + sm.Hpp[k * s + j]) * sm.Spp[j * s + k];
-        for (int i = 0; i < s; ++i) acc += sm.Hap[i * s + j] * sm.Sap[i * s + j] + sm.Hbp[i * s + j] * sm.Sbp[i * s + j];
-        sm.r[j] = acc;
+        for (int k = 0; k < s; ++k) acc += (gm.Hpp[j * s + k] + gm.Hpp[k * s + j]) * sm.Spp[j * s + k];
+        for (int i = 0; i < s; ++i) acc += gm.Hap[i * s + j] * sm.Sap[i * s + j];
+        if (two)
+          for (int i = 0; i < s; ++i) acc += gm.Hbp[i * s + j] * sm.Sbp[i * s + j];
+        gm.r[j] = acc;
       }
     }
     __syncwarp();
-    const T* A = a + b * sa_b;
-    const T* A2 = a2 ? a2 + b * sb_b : nullptr;
-    const T* Y = y + b * sy_b;
+    // Coefficients (the CPU kernel's, csrc/cpu/shuffle_rank.cpp), one entry per lane:
+    //   dA_i  = sum_k CA[i,k] a_k  + CAY[i,k] y_hat_k           CA = Haa + Haa^T, CAY = Hap / dv_k
+    //   dA2_i = sum_k CB[i,k] b_k  + CBY[i,k] y_hat_k
+    //   dy_i  = sum_k CY[i,k] y_hat_k + CYA[i,k] a_k + CYB[i,k] b_k
+    //           CY = (Hpp + Hpp^T)[i,k] / (nu_i dv_k) - [k = i, |y_i| > eps] r_i / (nu_i dv_i), CYA = Hap[k,i] / nu_i
+    for (int idx = lane; idx < s * s; idx += 32) {
+      const int i = idx / s, k = idx % s;
+      const float nu_i = sm.norm[i].nu, dv_k = sm.norm[k].dv;
+      gm.CA[idx] = gm.Haa[i * s + k] + gm.Haa[k * s + i];
+      gm.CAY[idx] = hd::div_rn(gm.Hap[i * s + k], dv_k);
+      gm.CB[idx] = gm.Hbb[i * s + k] + gm.Hbb[k * s + i];
+      gm.CBY[idx] = hd::div_rn(gm.Hbp[i * s + k], dv_k);
+      float cy = hd::div_rn(gm.Hpp[i * s + k] + gm.Hpp[k * s + i], nu_i * dv_k);
+      if (k == i && sm.norm[i].above_eps) cy -= hd::div_rn(gm.r[i], nu_i * sm.norm[i].dv);
+      gm.CY[idx] = cy;
+      gm.CYA[idx] = hd::div_rn(gm.Hap[k * s + i], nu_i);
+      gm.CYB[idx] = hd::div_rn(gm.Hbp[k * s + i], nu_i);
+    }
+    __syncwarp();
+    const T* A = static_cast<const T*>(in.anchor) + b * in.anchor_stride_b;
+    const T* A2 = two ? static_cast<const T*>(in.anchor2) + b * in.anchor2_stride_b : nullptr;
+    const T* Y = static_cast<const T*>(in.shuffled) + b * in.shuffled_stride_b;
     for (int64_t t = lane; t < d; t += 32) {
       float av[S], bv[S], yv[S];
       for (int k = 0; k < s; ++k) {
-        av[k] = to_f(A[k * sa_s + t]);
-        bv[k] = A2 ? to_f(A2[k * sb_s + t]) : 0.f;
-        yv[k] = to_f(Y[k * sy_s + t]);
+        av[k] = to_f(A[k * in.anchor_stride_s + t]);
+        bv[k] = A2 ? to_f(A2[k * in.anchor2_stride_s + t]) : 0.f;
+        yv[k] = to_f(Y[k * in.shuffled_stride_s + t]) * sm.f[k];
       }
       for (int i = 0; i < s; ++i) {
         float ga = 0.f, gb = 0.f, gy = 0.f;
         for (int k = 0; k < s; ++k) {
-          ga += (sm.Haa[i * s + k] + sm.Haa[k * s + i]) * av[k] + sm.Hap[i * s + k] / sm.nu[k] * yv[k];
-          gb += (sm.Hbb[i * s + k] + sm.Hbb[k * s + i]) * bv[k] + sm.Hbp[i * s + k] / sm.nu[k] * yv[k];
-          gy += (sm.Hpp[i * s + k] + sm.Hpp[k * s + i]) / (sm.nu[i] * sm.nu[k]) * yv[k] +
-                (sm.Hap[k * s + i] * av[k] + sm.Hbp[k * s + i] * bv[k]) / sm.nu[i];
+          const int idx = i * s + k;
+          ga += gm.CA[idx] * av[k] + gm.CAY[idx] * yv[k];
+          gb += gm.CB[idx] * bv[k] + gm.CBY[idx] * yv[k];
+          gy += gm.CY[idx] * yv[k] + gm.CYA[idx] * av[k] + gm.CYB[idx] * bv[k];
         }
-        if (sm.n[i] > kEps) gy -= sm.r[i] / (sm.nu[i] * sm.nu[i]) * yv[i];
         const int64_t o = (b * s + i) * d + t;
         da[o] = from_f<T>(ga);
         if (da2) da2[o] = from_f<T>(gb);
@@ -181,57 +288,45 @@ __global__ void shuffle_rank_bwd_kernel(const T* __restrict__ a, const T* __rest
 
 int blocks_for(int64_t B) {
   const int64_t need = (B + kWarps - 1) / kWarps;
-  return (int)(need < 4096 ? need : 4096);
+  return (int)(need < kMaxBlocks ? need : kMaxBlocks);
 }
 
 template <typename T>
-int launch_fwd(const void* a, const void* a2, const void* y, const int64_t* perm, float* out, int64_t B, int64_t s,
-               int64_t d, int64_t sa_b, int64_t sa_s, int64_t sb_b, int64_t sb_s, int64_t sy_b, int64_t sy_s,
-               float inv_theta, float cap, float coef0, float coef2, float acc_scale, cudaStream_t st) {
-  shuffle_rank_fwd_kernel<T><<<blocks_for(B), kWarps * 32, 0, st>>>((const T*)a, (const T*)a2, (const T*)y, perm, out, B, (int)s,
-                                                       d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, inv_theta, cap, coef0,
-                                                       coef2, acc_scale);
+int launch_fwd(const ShuffleRankFwdParams& p, cudaStream_t st) {
+  shuffle_rank_fwd_kernel<T><<<blocks_for(p.in.B), kWarps * 32, 0, st>>>(p);
   return (int)cudaGetLastError();
 }
 
 template <typename T>
-int launch_bwd(const void* a, const void* a2, const void* y, const int64_t* perm, const float* grad,
-               int64_t grad_stride, void* da, void* da2, void* dy, int64_t B, int64_t s, int64_t d, int64_t sa_b,
-               int64_t sa_s, int64_t sb_b, int64_t sb_s, int64_t sy_b, int64_t sy_s, float inv_theta, float cap,
-               float gcoef0, float gcoef2, cudaStream_t st) {
-  shuffle_rank_bwd_kernel<T><<<blocks_for(B), kWarps * 32, 0, st>>>((const T*)a, (const T*)a2, (const T*)y, perm, grad,
-                                                       grad_stride, (T*)da, (T*)da2, (T*)dy, B, (int)s, d, sa_b, sa_s,
-                                                       sb_b, sb_s, sy_b, sy_s, inv_theta, cap, gcoef0, gcoef2);
+int launch_bwd(const ShuffleRankBwdParams& p, cudaStream_t st) {
+  shuffle_rank_bwd_kernel<T><<<blocks_for(p.in.B), kWarps * 32, 0, st>>>(p);
   return (int)cudaGetLastError();
 }
 
 }  // namespace
 
-int shuffle_rank_fwd(const void* anchor, const void* anchor2, const void* shuffled, const int64_t* perm,
-                     float* out, int64_t B, int64_t s, int64_t d, int64_t sa_b, int64_t sa_s, int64_t sb_b,
-                     int64_t sb_s, int64_t sy_b, int64_t sy_s, float inv_theta, float cap, float coef0,
-                     float coef2, float acc_scale, int dtype, void* stream) {
+int64_t shuffle_rank_fwd_workspace(int64_t B) { return 4 + 4 * (int64_t)blocks_for(B); }
+
+int shuffle_rank_fwd(const ShuffleRankFwdParams& p, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return launch_fwd<float>(anchor, anchor2, shuffled, perm, out, B, s, d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, inv_theta, cap, coef0, coef2, acc_scale, st);
-    case 1: return launch_fwd<__half>(anchor, anchor2, shuffled, perm, out, B, s, d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, inv_theta, cap, coef0, coef2, acc_scale, st);
-    case 2: return launch_fwd<__nv_bfloat16>(anchor, anchor2, shuffled, perm, out, B, s, d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, inv_theta, cap, coef0, coef2, acc_scale, st);
-    default: return (int)cudaErrorInvalidValue;
+  if (p.in.B <= 0) return (int)cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_fwd<float>(p, st);
+    case DType::kFloat16: return launch_fwd<__half>(p, st);
+    case DType::kBFloat16: return launch_fwd<__nv_bfloat16>(p, st);
   }
+  return (int)cudaErrorInvalidValue;
 }
 
-int shuffle_rank_bwd(const void* anchor, const void* anchor2, const void* shuffled, const int64_t* perm,
-                     const float* grad, int64_t grad_stride, void* d_anchor, void* d_anchor2, void* d_shuffled,
-                     int64_t B, int64_t s, int64_t d, int64_t sa_b, int64_t sa_s, int64_t sb_b, int64_t sb_s,
-                     int64_t sy_b, int64_t sy_s, float inv_theta, float cap, float gcoef0, float gcoef2, int dtype,
-                     void* stream) {
+int shuffle_rank_bwd(const ShuffleRankBwdParams& p, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return launch_bwd<float>(anchor, anchor2, shuffled, perm, grad, grad_stride, d_anchor, d_anchor2, d_shuffled, B, s, d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, inv_theta, cap, gcoef0, gcoef2, st);
-    case 1: return launch_bwd<__half>(anchor, anchor2, shuffled, perm, grad, grad_stride, d_anchor, d_anchor2, d_shuffled, B, s, d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, inv_theta, cap, gcoef0, gcoef2, st);
-    case 2: return launch_bwd<__nv_bfloat16>(anchor, anchor2, shuffled, perm, grad, grad_stride, d_anchor, d_anchor2, d_shuffled, B, s, d, sa_b, sa_s, sb_b, sb_s, sy_b, sy_s, inv_theta, cap, gcoef0, gcoef2, st);
-    default: return (int)cudaErrorInvalidValue;
+  if (p.in.B <= 0) return (int)cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch_bwd<float>(p, st);
+    case DType::kFloat16: return launch_bwd<__half>(p, st);
+    case DType::kBFloat16: return launch_bwd<__nv_bfloat16>(p, st);
   }
+  return (int)cudaErrorInvalidValue;
 }
 
 }  // namespace cuda

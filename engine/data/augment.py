@@ -1,4 +1,4 @@
-"""Spatial and colour augmentation (METHOD.md 1.3, 5.2, 6.2).
+"""Spatial and colour augmentation (docs/method.md §1.3, §5.2, §6.2).
 
 Split in two halves:
 - In DataLoader workers, on uint8 (T, H, W, C) clips: the resize happens at decode (see `resize_hw`),
@@ -39,7 +39,7 @@ def resize_hw(size: int = 128, long: int = 171, reference_resize: bool = False) 
     """(height, width) frames are resized to at decode.
 
     Default: conventional height 128 x width 171. reference_resize=True gives the reference's
-    PIL `resize((128, 171))` quirk: width 128 x height 171 (METHOD.md 8.3).
+    PIL `resize((128, 171))` quirk: width 128 x height 171 (docs/method.md §8.3).
     """
     return (long, size) if reference_resize else (size, long)
 
@@ -61,7 +61,7 @@ def centre_crop(clip: np.ndarray, crop: int = 112) -> np.ndarray:
     """uint8 (T, H, W, C) -> (T, crop, crop, C) at offset (round((H-crop)/2), round((W-crop)/2)).
 
     Python's round (half to even), as torchvision's CenterCrop: for 171 x 128 frames and a 112 crop
-    the offsets are y 30 (not 29), x 8, as in the reference's test protocol (METHOD.md 6.2).
+    the offsets are y 30 (not 29), x 8, as in the reference's test protocol (docs/method.md §6.2).
     """
     H, W = clip.shape[1:3]
     if H < crop or W < crop:
@@ -84,7 +84,7 @@ def sample_blur(rng: np.random.Generator, p: float = 0.5, sigma: tuple[float, fl
 
 
 def sample_pretrain_view_params(rng: np.random.Generator, view: int) -> dict:
-    """Per-view pipeline of METHOD.md 1.3: view 0 null (p=0.2) or base, view 1 base, view 2 extra (=base).
+    """Per-view pipeline of docs/method.md §1.3: view 0 null (p=0.2) or base, view 1 base, view 2 extra (=base).
 
     base/extra: jitter (b, c, s in [0.2, 1.8], hue in [-0.2, 0.2], random order) with effective
     p = 0.8 * 0.8 = 0.64, blur with p = 0.5 and sigma in [0.1, 2.0]; null: neither.
@@ -99,7 +99,7 @@ def sample_pretrain_view_params(rng: np.random.Generator, view: int) -> dict:
 
 
 def sample_finetune_params(rng: np.random.Generator) -> dict:
-    """Fine-tuning (METHOD.md 5.2): hflip p=0.5, jitter (0.8, 0.8, 0.8, 0.2) with p=0.8, no blur."""
+    """Fine-tuning (docs/method.md §5.2): hflip p=0.5, jitter (0.8, 0.8, 0.8, 0.2) with p=0.8, no blur."""
     params = {"hflip": bool(rng.random() < 0.5), **sample_jitter(rng, p=0.8)}
     params["blur_sigma"], params["blur_apply"] = np.float32(1.0), False
     return params

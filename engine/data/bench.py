@@ -65,7 +65,8 @@ def bench_loader(index: str, num_workers: int = 0, batch_size: int = 8, batches:
     to_views(batch, device, augment_colour=augment_colour)
     _sync(device)
     t_aug = time.perf_counter() - t0
-    return {"workers": num_workers, "augment_colour": augment_colour, "batch_size": batch_size, "batches": batches, "device": str(device),
+    return {"workers": num_workers, "augment_colour": augment_colour, "batch_size": batch_size, "batches": batches,
+            "device": str(device),
             "clips_per_s": 3 * n / elapsed, "videos_per_s": n / elapsed, "seconds": elapsed,
             "failures": failures, "backend": resolve_backend("auto"),
             "loop_wait_share": t_wait / elapsed, "loop_augment_share": t_views / elapsed,

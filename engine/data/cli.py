@@ -25,7 +25,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 128x171, got {text!r}")
+        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 128x171, got {text!r}") from None
     return h, w
 
 
@@ -51,7 +51,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"[{r['backend']}] workers {w}: {r['clips_per_s']:.1f} clips/s ({r['videos_per_s']:.1f} videos/s), "
               f"decode+crop {r['decode_share']:.0%} / device augmentation {r['augment_share']:.0%} "
               f"of single-process time; loop: waiting for batches {r['loop_wait_share']:.0%}, "
-              f"augmenting {r['loop_augment_share']:.0%}" + (f"; FAILED READS {r['failures']}" if r["failures"] else ""))
+              f"augmenting {r['loop_augment_share']:.0%}"
+              + (f"; FAILED READS {r['failures']}" if r["failures"] else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

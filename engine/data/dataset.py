@@ -36,7 +36,7 @@ class ClipConfig:
 
     frames/stride: T and ds (pretrain default 16/4; finetune and eval use 16/2 in the paper).
     size/long/reference_resize: frames are resized at decode to (size, long) = H x W, or W x H with
-    reference_resize=True (the reference's quirk, METHOD.md 8.3). crop: square crop side.
+    reference_resize=True (the reference's quirk, docs/method.md §8.3). crop: square crop side.
     eval_clips: clips per video in eval mode. backend/num_threads: video reader. timeout_s: time limit
     of one read (open + decode). min_frames: fewer frames is a "too_short" failure (shorter videos
     than one clip are kept: edge frames repeat). max_failure_fraction/min_attempts: past this fraction
@@ -77,8 +77,8 @@ class VideoClipDataset(Dataset):
 
     Args:
         entries: index entries (dicts with at least "path" and "label"; see index.py).
-        mode: "pretrain" (3 views, METHOD.md 1.2-1.3), "finetune" (1 view, 5.2) or "eval"
-            (eval_clips centre-cropped clips, 6.2).
+        mode: "pretrain" (3 views, docs/method.md §1.2-1.3), "finetune" (1 view, §5.2) or "eval"
+            (eval_clips centre-cropped clips, §6.2).
         config: ClipConfig. seed: base seed of the per-sample generators.
 
     Item (dict of tensors; V = 3 pretrain, 1 finetune, eval_clips eval):
@@ -110,7 +110,7 @@ class VideoClipDataset(Dataset):
 
     def shorter_than_clip(self) -> int:
         """Entries whose indexed length is below one clip's span ((T - 1) * ds + 1 frames); they are
-        kept, with repeated edge frames (METHOD.md 8.14), and this count is for the training log."""
+        kept, with repeated edge frames (docs/method.md §8.14), and this count is for the training log."""
         span = (self.config.frames - 1) * self.config.stride + 1
         return sum(1 for e in self.entries if 0 < int(e.get("n_frames", span)) < span)
 
@@ -228,7 +228,7 @@ class VideoClipDataset(Dataset):
 
 
 def holdout_split(entries: Sequence[dict], n: int = 800, seed: int = 666) -> tuple[list[dict], list[dict]]:
-    """(train, val): `n` entries drawn without replacement as a validation hold-out (METHOD.md 1.1).
+    """(train, val): `n` entries drawn without replacement as a validation hold-out (docs/method.md §1.1).
 
     Deterministic for `seed`, with numpy's generator (the reference used pandas.sample(n=800,
     random_state=666); the drawn videos differ, the protocol is the same). Order is kept.

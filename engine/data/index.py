@@ -194,7 +194,7 @@ def build_index(dataset: str, root: str, out: Optional[str] = None, *, splits: O
     """List, probe and write an index. Returns {"entries": [...], "summary": {...}, "probed": int}.
 
     clip_span: frames one clip covers ((T - 1) * ds + 1; 61 for T = 16, ds = 4), for the summary's
-    count of videos shorter than one clip (they are kept: edge frames repeat, METHOD.md 8.14).
+    count of videos shorter than one clip (they are kept: edge frames repeat, docs/method.md §8.14).
     """
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")

@@ -1,4 +1,4 @@
-"""Temporal sampling: pure functions of (L, rng) -> frame index arrays (METHOD.md 1.2, 5.2, 6.2).
+"""Temporal sampling: pure functions of (L, rng) -> frame index arrays (docs/method.md §1.2, §5.2, §6.2).
 
 All functions take the video length L (frames, >= 1) and, where random, a `numpy.random.Generator`,
 and return int64 indices in [0, L - 1].
@@ -24,7 +24,7 @@ def clip_indices(centre: int, L: int, frames: int = 16, stride: int = 4) -> np.n
 
 def pretrain_indices(L: int, rng: np.random.Generator, frames: int = 16, stride: int = 4,
                      reverse_prob: float = 0.5) -> tuple[np.ndarray, bool]:
-    """Three-view pretraining indices (METHOD.md 1.2).
+    """Three-view pretraining indices (docs/method.md §1.2).
 
     Two centres c1, c2 drawn independently and uniformly from {0..L-1}; clip i takes
     clamp(c_i + (k - T/2) * ds, 0, L-1). With probability `reverse_prob` both index lists are
@@ -42,7 +42,7 @@ def pretrain_indices(L: int, rng: np.random.Generator, frames: int = 16, stride:
 
 
 def finetune_indices(L: int, rng: np.random.Generator, frames: int = 16, stride: int = 2) -> np.ndarray:
-    """One fine-tuning clip (METHOD.md 5.2): start uniform in [0, L - 1 - (T-1)*ds], frames start + ds*k.
+    """One fine-tuning clip (docs/method.md §5.2): start uniform in [0, L - 1 - (T-1)*ds], frames start + ds*k.
 
     A video shorter than the clip span ((T-1)*ds + 1 frames) takes every ds-th frame from 0 and is
     padded to T frames by repeating its first or its last frame (side chosen with p = 0.5).
@@ -61,7 +61,7 @@ def finetune_indices(L: int, rng: np.random.Generator, frames: int = 16, stride:
 
 
 def eval_indices(L: int, frames: int = 16, stride: int = 2, clips: int = 10) -> np.ndarray:
-    """Temporal ten-clip test indices (METHOD.md 6.2), deterministic.
+    """Temporal ten-clip test indices (docs/method.md §6.2), deterministic.
 
     Centres linspace(lo, hi, clips) with lo = min(16, L), hi = max(lo, L - 16); start =
     max(0, floor(centre - 16)); frames start + ds*k clamped to L - 1. Returns int64 (clips, frames).

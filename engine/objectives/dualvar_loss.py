@@ -1,7 +1,9 @@
-"""The DualVar objective (METHOD.md 3, 9.2-9.4) composed from dualvar.kernels, for SimCLR and MoCo.
+"""The DualVar objective (docs/method.md §3, §9.2-9.4) composed from dualvar.kernels, for SimCLR and MoCo.
 
-Losses take embeddings, never the model, and return the total plus named parts; the trainer combines
-and logs them. Parts:
+Objectives take the framework's `Embeddings` record (dualvar.engine.frameworks), never the model, and return
+the total plus named parts; the trainer combines and logs them. Both frameworks' objectives have the same
+interface, `forward(emb)` and `update(emb)` (after the optimizer step: MoCo enqueues the keys, SimCLR does
+nothing), so the training step never branches on the framework. `build_objective` makes the right one. Parts:
 
     clip_nce        NT-Xent of the clip embeddings (SimCLR, tau) or InfoNCE against the clip queue (MoCo)
     tc_nce          temporal-coherent loss on the mean series vectors m = mean_k u_k (not re-normalised),
@@ -12,18 +14,24 @@ and logs them. Parts:
 
 Modes: "baseline" (clip only), "clip-sr" (alias "only-seg"), "clip-sr-tc" (alias "avg-series", the
 paper's full method). Total = clip_nce + tc_nce + sr_rank_view0 + sr_rank_view2 over the parts the mode
-computes (METHOD.md 3.4).
+computes (docs/method.md §3.4).
+
+Non-finite embeddings are not an error here: they propagate (NaN in, NaN part and total out, no device
+sync to look for them), and the trainer names the part that went non-finite and skips the step.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
-from dualvar.kernels import info_nce_loss, nt_xent_loss, shuffle_rank_loss
+from dualvar.kernels import distributed as dist, info_nce_loss, nt_xent_loss, shuffle_rank_loss
+
+if TYPE_CHECKING:
+    from dualvar.engine.frameworks import Embeddings
 
 MODES = ("baseline", "clip-sr", "clip-sr-tc")
 MODE_ALIASES = {"only-seg": "clip-sr", "avg-series": "clip-sr-tc", "simclr": "baseline", "moco": "baseline"}
@@ -40,10 +48,10 @@ class DualVarLossConfig:
     cap: clamp of the scaled ranking difference before the softplus. None = the reference's choice per
         framework: 5 for SimCLR, +inf for MoCo (whose reference also hard-codes theta = 0.05).
     sr_weights: (w0, w2) of the two ranking terms.
-    distributed: SimCLR losses use rows of this rank against columns of every rank (torch.distributed
+    distributed: SimCLR losses use rows of this rank against columns of every rank (a process group
         must be initialised); MoCo queues are filled with every rank's keys.
-    reference_ddp: replicate the reference's DDP gradient weighting (METHOD.md 4(b)): clip gradient
-        scaled by 1/W and cross-rank tc negatives treated as constants. Default: exact gradients (4(a)).
+    reference_ddp: replicate the reference's DDP gradient weighting (docs/method.md §4(b)): clip gradient
+        scaled by 1/W and cross-rank tc negatives treated as constants. Default: exact gradients (§4(a)).
     backend: kernel backend for every loss ("auto", "triton", "cuda", "cpu", "torch").
     check_perm: validate the segment permutations on every call (one device sync on CUDA).
     """
@@ -121,10 +129,9 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def _world_size() -> int:
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist.is_distributed():
         raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
-    return dist.get_world_size()
+    return dist.world_size()
 
 
 def _check_series(name: str, u: Optional[torch.Tensor], like: Optional[torch.Tensor] = None) -> None:
@@ -164,16 +171,24 @@ def _total(parts: dict) -> torch.Tensor:
     return total
 
 
+def _check_record(emb) -> None:
+    for name in ("z0", "z1", "u0", "u1", "u2", "y_shuf", "perm"):
+        if not hasattr(emb, name):
+            raise TypeError(f"emb must be an Embeddings record (dualvar.engine.frameworks) with field {name!r}, "
+                            f"got {type(emb).__name__}")
+
+
 class DualVarLoss(nn.Module):
     """SimCLR DualVar objective.
 
-    forward(z0, z1, u0=None, u1=None, u2=None, y_shuf=None, perm=None) -> DualVarLossOutput
+    forward(emb: Embeddings) -> DualVarLossOutput, reading
         z0, z1: (B, D) unit clip embeddings of views 0 and 1.
         u0, u1, u2: (B, s, d) unit series vectors (each chunk normalised) of views 0, 1, 2.
         y_shuf: (B, s, d) raw series vectors of the shuffled clip, in shuffled order.
         perm: int64 (B, s), shuffled segment j = original segment perm[b, j].
     baseline needs z0, z1; clip-sr adds u0, u2, y_shuf, perm; clip-sr-tc adds u1.
     With distributed=True every tensor holds this rank's B clips.
+    update(emb): nothing (SimCLR keeps no state between steps).
     """
 
     def __init__(self, config: DualVarLossConfig):
@@ -182,11 +197,14 @@ class DualVarLoss(nn.Module):
             raise ValueError("DualVarLoss is the SimCLR objective; use MoCoDualVarLoss for framework='moco'")
         self.config = config
 
-    def forward(self, z0, z1, u0=None, u1=None, u2=None, y_shuf=None, perm=None) -> DualVarLossOutput:
+    def forward(self, emb: "Embeddings") -> DualVarLossOutput:
         cfg = self.config
+        _check_record(emb)
+        z0, z1, u0, u1 = emb.z0, emb.z1, emb.u0, emb.u1
         _check_clip("z0", z0)
         _check_clip("z1", z1, z0)
-        clip = nt_xent_loss(torch.cat([z0, z1]), cfg.tau, distributed=cfg.distributed, backend=cfg.backend)
+        clip = nt_xent_loss(torch.cat([z0, z1]), cfg.tau, distributed=cfg.distributed, check_finite=False,
+                            backend=cfg.backend)
         if cfg.reference_ddp:
             clip = _ScaleGrad.apply(clip, 1.0 / _world_size())
         parts = {"clip_nce": clip}
@@ -195,11 +213,14 @@ class DualVarLoss(nn.Module):
             _check_series("u1", u1, u0)
             m = torch.cat([u0.mean(dim=1), u1.mean(dim=1)])  # (2B, d), not re-normalised
             parts["tc_nce"] = nt_xent_loss(m, cfg.tau_a, distributed=cfg.distributed,
-                                           reference_ddp=cfg.reference_ddp, backend=cfg.backend)
+                                           reference_ddp=cfg.reference_ddp, check_finite=False, backend=cfg.backend)
         if cfg.with_sr:
             _check_series("u0", u0)
-            parts.update(_sr_parts(cfg, u0, u2, y_shuf, perm))
+            parts.update(_sr_parts(cfg, u0, emb.u2, emb.y_shuf, emb.perm))
         return DualVarLossOutput(total=_total(parts), **parts)
+
+    def update(self, emb: "Embeddings") -> None:
+        """SimCLR has no queues: nothing to do after the step."""
 
 
 class Queue(nn.Module):
@@ -228,7 +249,7 @@ class Queue(nn.Module):
     def random_series_means(cls, size: int, n_series: int, dim: int, *, generator: Optional[torch.Generator] = None,
                             device=None, dtype=torch.float32) -> "Queue":
         """K means of n_series random unit chunks: the reference's per-chunk normalised series queue,
-        stored as the per-entry mean the tc loss needs (METHOD.md 9.2)."""
+        stored as the per-entry mean the tc loss needs (docs/method.md §9.2)."""
         x = torch.randn(size, n_series, dim, generator=generator,
                         device=device if generator is None else generator.device)
         return cls(torch.nn.functional.normalize(x, dim=2).mean(dim=1).to(device=device, dtype=dtype))
@@ -252,24 +273,18 @@ class Queue(nn.Module):
         self.ptr.fill_((p + n) % K)
 
 
-def _all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 class MoCoDualVarLoss(nn.Module):
-    """MoCo DualVar objective with a clip queue and a series-mean queue (METHOD.md 2.3, 3.5, 9.2).
+    """MoCo DualVar objective with a clip queue and a series-mean queue (docs/method.md §2.3, §3.5, §9.2).
 
-    forward(z_q, z_k, u_q=None, u_k=None, u2=None, y_shuf=None, perm=None) -> DualVarLossOutput
-        z_q, z_k: (B, D) unit clip embeddings of the query (view 0) and key (view 1; no gradient).
-        u_q, u_k: (B, s, d) unit series vectors of query and key (u_k: no gradient).
+    forward(emb: Embeddings) -> DualVarLossOutput, reading
+        z0, z1: (B, D) unit clip embeddings of the query (view 0) and key (view 1; no gradient).
+        u0, u1: (B, s, d) unit series vectors of query and key (u1: no gradient).
         u2: (B, s, d) unit series of view 2 (query encoder); y_shuf: (B, s, d) raw series of the
         shuffled clip; perm: int64 (B, s).
-    enqueue(z_k, u_k): after the losses, write this step's keys (all ranks' when distributed) into the
-    queues: z_k into the clip queue, mean_k u_k into the series-mean queue. The series queue is
-    updated in every mode (as the reference does), so switching modes keeps it warm.
+    update(emb): after the step, write this step's keys (all ranks' when distributed) into the queues:
+    z1 into the clip queue, mean_k u1 into the series-mean queue. The series queue is updated in every
+    series mode (as the reference does), so switching modes keeps it warm; baseline records carry no
+    series and leave it as it is.
     """
 
     def __init__(self, config: DualVarLossConfig, clip_queue: Queue, series_queue: Queue):
@@ -277,31 +292,58 @@ class MoCoDualVarLoss(nn.Module):
         if config.framework != "moco":
             raise ValueError("MoCoDualVarLoss is the MoCo objective; use DualVarLoss for framework='simclr'")
         if clip_queue.size != series_queue.size:
-            raise ValueError(f"clip queue ({clip_queue.size}) and series queue ({series_queue.size}) must have one size")
+            raise ValueError(f"clip queue ({clip_queue.size}) and series queue ({series_queue.size}) must have "
+                             "one size")
         self.config = config
         self.clip_queue = clip_queue
         self.series_queue = series_queue
 
-    def forward(self, z_q, z_k, u_q=None, u_k=None, u2=None, y_shuf=None, perm=None) -> DualVarLossOutput:
+    def forward(self, emb: "Embeddings") -> DualVarLossOutput:
         cfg = self.config
-        _check_clip("z_q", z_q)
-        _check_clip("z_k", z_k, z_q)
-        parts = {"clip_nce": info_nce_loss(z_q, z_k.detach(), self.clip_queue.entries, cfg.tau, backend=cfg.backend)}
+        _check_record(emb)
+        z_q, z_k, u_q, u_k = emb.z0, emb.z1, emb.u0, emb.u1
+        _check_clip("z0", z_q)
+        _check_clip("z1", z_k, z_q)
+        # the queues keep their own dtype (float32); the loss reads them in the embeddings' dtype
+        parts = {"clip_nce": info_nce_loss(z_q, z_k.detach(), self.clip_queue.entries.to(z_q.dtype), cfg.tau,
+                                           check_finite=False, backend=cfg.backend)}
         if cfg.with_tc:
-            _check_series("u_q", u_q)
-            _check_series("u_k", u_k, u_q)
-            parts["tc_nce"] = info_nce_loss(u_q.mean(dim=1), u_k.detach().mean(dim=1), self.series_queue.entries,
-                                            cfg.tau_a, backend=cfg.backend)
+            _check_series("u0", u_q)
+            _check_series("u1", u_k, u_q)
+            parts["tc_nce"] = info_nce_loss(u_q.mean(dim=1), u_k.detach().mean(dim=1),
+                                            self.series_queue.entries.to(u_q.dtype), cfg.tau_a, check_finite=False,
+                                            backend=cfg.backend)
         if cfg.with_sr:
-            _check_series("u_q", u_q)
-            parts.update(_sr_parts(cfg, u_q, u2, y_shuf, perm))
+            _check_series("u0", u_q)
+            parts.update(_sr_parts(cfg, u_q, emb.u2, emb.y_shuf, emb.perm))
         return DualVarLossOutput(total=_total(parts), **parts)
 
     @torch.no_grad()
-    def enqueue(self, z_k: torch.Tensor, u_k: torch.Tensor) -> None:
-        m_k = u_k.detach().mean(dim=1)
-        z_k = z_k.detach()
-        if self.config.distributed:
-            z_k, m_k = _all_gather_no_grad(z_k), _all_gather_no_grad(m_k)
-        self.clip_queue.enqueue(z_k)
-        self.series_queue.enqueue(m_k)
+    def update(self, emb: "Embeddings") -> None:
+        """Enqueue the keys of this step (every rank's when distributed, in rank order)."""
+        _check_record(emb)
+        self.enqueue(emb.z1, emb.u1)
+
+    @torch.no_grad()
+    def enqueue(self, z_k: torch.Tensor, u_k: Optional[torch.Tensor] = None) -> None:
+        gather = dist.all_gather_no_grad if self.config.distributed else torch.Tensor.detach
+        self.clip_queue.enqueue(gather(z_k))
+        if u_k is not None:
+            self.series_queue.enqueue(gather(u_k.mean(dim=1)))
+
+
+def build_objective(config: DualVarLossConfig, *, queue_size: int = 16384, clip_dim: int = 128, series_dim: int = 64,
+                    n_series: int = 2, generator: Optional[torch.Generator] = None, device=None) -> nn.Module:
+    """The objective of `config.framework`: DualVarLoss (SimCLR) or MoCoDualVarLoss with two queues of
+    `queue_size` entries (clip: random unit vectors of clip_dim; series: means of n_series random unit
+    chunks of series_dim, as the reference initialises them), drawn from `generator`, placed on `device`.
+    queue_size must be divisible by the global batch (keys enqueued per step)."""
+    if config.framework == "simclr":
+        return DualVarLoss(config)
+    for name, v in (("queue_size", queue_size), ("clip_dim", clip_dim), ("series_dim", series_dim),
+                    ("n_series", n_series)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    clip_queue = Queue.random_unit(queue_size, clip_dim, generator=generator, device=device)
+    series_queue = Queue.random_series_means(queue_size, n_series, series_dim, generator=generator, device=device)
+    return MoCoDualVarLoss(config, clip_queue, series_queue)

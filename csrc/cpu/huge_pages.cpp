@@ -1,5 +1,5 @@
-// Memory helpers for the CPU kernels (no torch headers).
-#include "cpu_kernels.h"
+// Transparent huge pages for fresh CPU outputs (see huge_pages.h). No torch headers.
+#include "huge_pages.h"
 
 #include <cstdlib>
 #include <cstring>
