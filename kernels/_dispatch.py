@@ -39,6 +39,26 @@ class OpImpl(NamedTuple):
     backward: Optional[Callable] = None
 
 
+def impl_table(torch_impl: OpImpl, compiled: OpImpl,
+               triton: Optional[Callable[[], OpImpl]] = None) -> dict[str, OpImpl]:
+    """The implementation table of one op, the same shape for every op: the pure-torch fallback, the
+    compiled extension's launcher (one for the cpu and cuda backends: the op's schema dispatches on the
+    device), and the Triton launchers when triton imports (`triton()` imports them and returns the OpImpl)."""
+    table = {"torch": torch_impl, "cpu": compiled, "cuda": compiled}
+    if triton is not None and load_triton()[0] is not None:
+        table["triton"] = triton()
+    return table
+
+
+def triton_impl(module: str) -> Callable[[], OpImpl]:
+    """`triton` argument of impl_table for a module kernels/<module>.py exposing forward (and backward)."""
+    def load() -> OpImpl:
+        import importlib
+        mod = importlib.import_module(f"dualvar.kernels.{module}")
+        return OpImpl(mod.forward, getattr(mod, "backward", None))
+    return load
+
+
 class _SecondOrderRefused(torch.autograd.Function):
     """Identity on a first-order gradient whose own backward raises, naming the op."""
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist_utils
-from ._dispatch import OpImpl, once_differentiable, select
-from ._ext import compiled_op_reason, load_triton, register_fakes
+from ._dispatch import OpImpl, impl_table, once_differentiable, select, triton_impl
+from ._ext import compiled_op_reason, register_fakes
 
 OP = "contrastive"
 COMPILED_OPS = ("contrastive_fwd", "contrastive_bwd", "contrastive_bwd_sym")
@@ -196,15 +196,9 @@ register_fakes({
 # Every backend: forward(q, k, tau, offset) -> lse (R,) in the accumulation dtype;
 # backward(q, k, tau, offset, lse, grad, need_q, need_k) -> (dq | None, dk | None). When q is k (one
 # tensor, offset 0) a backend may return that tensor's whole gradient as dq and None as dk.
-_IMPLS: dict[str, OpImpl] = {
-    "torch": OpImpl(_torch_forward, _torch_backward),
-    "cpu": OpImpl(_compiled_forward, _compiled_backward),
-    "cuda": OpImpl(_compiled_forward, _compiled_backward),
-}
-if load_triton()[0] is not None:
-    from . import contrastive_triton as _tri
-
-    _IMPLS["triton"] = OpImpl(_tri.forward, _tri.backward)
+_IMPLS: dict[str, OpImpl] = impl_table(OpImpl(_torch_forward, _torch_backward),
+                                        OpImpl(_compiled_forward, _compiled_backward),
+                                        triton_impl("contrastive_triton"))
 
 
 # ---------------------------------------------------------------------------- autograd function

@@ -22,8 +22,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._dispatch import OpImpl, select
-from ._ext import compiled_op_reason, load_triton, register_fakes
+from ._dispatch import OpImpl, impl_table, select, triton_impl
+from ._ext import compiled_op_reason, register_fakes
 
 OP = "permute_frames"
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -164,12 +164,8 @@ register_fakes({"permute_frames": lambda video, frame_index, lut, hflip: video.n
 
 # Every backend: forward(video, frame_index, lut, mean, std, out_dtype, hflip) -> (B, C, T', H, W) contiguous
 # (lut: normalization_lut(mean, std, out_dtype); mean, std: C-tuples of floats); no backward.
-_IMPLS: dict[str, OpImpl] = {"torch": OpImpl(_permute_torch), "cpu": OpImpl(_permute_compiled),
-                             "cuda": OpImpl(_permute_compiled)}
-if load_triton()[0] is not None:
-    from .permute_frames_triton import permute_frames_triton
-
-    _IMPLS["triton"] = OpImpl(permute_frames_triton)
+_IMPLS: dict[str, OpImpl] = impl_table(OpImpl(_permute_torch), OpImpl(_permute_compiled),
+                                        triton_impl("permute_frames_triton"))
 
 
 def _veto(b: str) -> Optional[str]:

@@ -45,7 +45,7 @@ def block_w(W: int) -> int:
     return max(16, min(256, triton.next_power_of_2(W)))
 
 
-def permute_frames_triton(video, frame_index, lut, mean, std, out_dtype, hflip):
+def forward(video, frame_index, lut, mean, std, out_dtype, hflip):
     """video uint8 (B, T, H, W, C) any strides, frame_index int64 (B, T') any strides, lut (C, 256) of
     out_dtype (it holds mean and std), hflip bool (B,) any stride (0 included) or None."""
     B, T, H, W, C = video.shape

@@ -45,8 +45,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import OpImpl, select
-from ._ext import compiled_op_reason, load_triton, register_fakes
+from ._dispatch import OpImpl, impl_table, select, triton_impl
+from ._ext import compiled_op_reason, register_fakes
 
 OP = "shuffle_rank"
 COMPILED_OPS = ("shuffle_rank_fwd", "shuffle_rank_bwd")
@@ -286,15 +286,9 @@ def _fake_backward(anchor, anchor2, shuffled, perm, grad, inv_theta, cap, gcoef0
 
 register_fakes({"shuffle_rank_fwd": _fake_forward, "shuffle_rank_bwd": _fake_backward})
 
-_IMPLS: dict[str, OpImpl] = {
-    "torch": OpImpl(_torch_forward, _torch_backward),
-    "cpu": OpImpl(_compiled_forward, _compiled_backward),
-    "cuda": OpImpl(_compiled_forward, _compiled_backward),
-}
-if load_triton()[0] is not None:
-    from . import shuffle_rank_triton as _tri
-
-    _IMPLS["triton"] = OpImpl(_tri.forward, _tri.backward)
+_IMPLS: dict[str, OpImpl] = impl_table(OpImpl(_torch_forward, _torch_backward),
+                                        OpImpl(_compiled_forward, _compiled_backward),
+                                        triton_impl("shuffle_rank_triton"))
 
 
 # ---------------------------------------------------------------------------- autograd function

@@ -331,7 +331,7 @@ def _aot_spec(arch, dtype, C, flip):
     """The launcher itself, on the shapes of a training batch (16 clips of 16 224x224 frames), so the kernel
     compiles with the runtime's hints (aligned pointers, strides divisible by 16)."""
     B, T, H, W = 16, 16, 224, 224
-    return {"launcher": "dualvar.kernels.permute_frames_triton:permute_frames_triton", "arch": arch,
+    return {"launcher": "dualvar.kernels.permute_frames_triton:forward", "arch": arch,
             "args": [{"zeros": [B, T, H, W, C], "dtype": "uint8"}, {"zeros": [B, T], "dtype": "int64"},
                      {"zeros": [C, 256], "dtype": dtype}, None, None, None,
                      {"zeros": [B], "dtype": "bool"} if flip else None]}
