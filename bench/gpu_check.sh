@@ -70,6 +70,14 @@ for b in permute_frames shuffle_rank contrastive; do
     --benchmark-columns=median,iqr,min,rounds --benchmark-json="$OUT/bench_$b.json" > "$OUT/bench_$b.txt" 2>&1
   tail -20 "$OUT/bench_$b.txt"
 done
+# A short pretraining of R(2+1)D-10 (bf16, channels_last_3d, fused kernels) on a generated synthetic set:
+# the whole training path on the GPU. It decodes real video files, so it needs decord or PyAV there.
+if $PY -c "import decord" 2>/dev/null || $PY -c "import av" 2>/dev/null; then
+  stage gpu_train 120 $PY bench/gpu_train.py --out "$OUT/gpu_train.json" > "$OUT/gpu_train.txt" 2>&1
+  tail -15 "$OUT/gpu_train.txt"
+else
+  echo "gpu_train: not run (neither decord nor av imports on this machine)" | tee -a "$OUT/status.txt"
+fi
 echo "total: $(( $(date +%s) - t0 )) s; results in $OUT; overall exit $rc"
 cat "$OUT/status.txt"
 exit $rc
