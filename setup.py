@@ -106,10 +106,11 @@ setup(
     # `dualvar` is a namespace package: no top-level `engine` or `kernels` module is ever installed.
     package_dir={"dualvar.engine": "engine", "dualvar.kernels": "kernels"},
     packages=_packages(),
-    package_data={"dualvar.engine": ["configs/*.yaml"]},
+    package_data={"dualvar.engine": ["configs/*.yaml", "configs/*/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "torchvision", "numpy", "pyyaml", "tqdm"],
+    install_requires=["torch>=2.4", "torchvision", "numpy", "pyyaml", "tqdm", "safetensors", "tensorboard",
+                      "matplotlib"],
     extras_require={
         "video": ["decord", "av"],
         "dev": ["pytest", "pytest-benchmark", "numpy", "decord", "av", "ninja"],

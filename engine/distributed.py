@@ -25,6 +25,7 @@ encoder (the framework's `key_shuffle` hook).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -226,7 +227,6 @@ def no_sync(module: nn.Module):
     """DDP's no_sync() (backward accumulates locally, no all-reduce), or a null context."""
     if isinstance(module, nn.parallel.DistributedDataParallel):
         return module.no_sync()
-    import contextlib
     return contextlib.nullcontext()
 
 

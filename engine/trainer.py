@@ -337,7 +337,10 @@ class Trainer:
             views, perm = make_views({"video": video}, self.device, n_series=m.n_series,
                                      generator=torch.Generator(device=self.device).manual_seed(0),
                                      out_dtype=self.amp_dtype or torch.float32, backend=self.cfg.loss.backend)
+            shuffle_state = self.shuffle_generator.get_state() if self.shuffle_generator is not None else None
             probe_pass(self.framework, views, perm, autocast=self._autocast)
+            if shuffle_state is not None:  # the probe leaves every generator as it found it
+                self.shuffle_generator.set_state(shuffle_state)
             self.optimizer.zero_grad(set_to_none=True)
 
         plan = plan_chunk(probe, clips, self.device, margin=self.cfg.train.memory_margin, reserve=reserve,

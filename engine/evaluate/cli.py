@@ -243,4 +243,4 @@ def add_demo(sub) -> None:
     p.set_defaults(func=run_demo)
 
 
-COMMANDS = (add_retrieve, add_linear_probe, add_report)
+COMMANDS = (add_retrieve, add_linear_probe, add_report, add_finetune, add_demo)
