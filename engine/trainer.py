@@ -526,5 +526,9 @@ class Trainer:
         summary["backends"] = {op: last_backend(op) for op in KERNEL_OPS}
         text = self.logger.summary(summary)
         self.logger.close()
+        self.loader.close()
+        if self.is_main:  # results.json and report.md with the training plot, as every run directory has
+            from dualvar.engine.evaluate.report import write_report
+            write_report(self.run_dir)
         self._message(f"done: {self.run_dir}\n{text}")
         return summary

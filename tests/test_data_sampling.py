@@ -49,12 +49,13 @@ def test_clip_indices_edges_repeat():
 
 
 def naive_eval(L, T, ds, n):
-    lo = min(16, L)
-    hi = max(lo, L - 16)
+    """The reference's loop with its constant 16 read as the clip length T (16 in every paper script)."""
+    lo = min(T, L)
+    hi = max(lo, L - T)
     out = []
     for i in range(n):
         centre = lo + (hi - lo) * i / (n - 1) if n > 1 else lo
-        start = max(0, math.floor(centre - 16))
+        start = max(0, math.floor(centre - T))
         out.append([min(start + ds * k, L - 1) for k in range(T)])
     return out
 

@@ -25,6 +25,7 @@ from dualvar.engine.frameworks import build_framework, make_views
 from dualvar.engine.grad_cache import GradCache
 from dualvar.engine.models import build_backbone
 from dualvar.engine.objectives import DualVarLossConfig, build_objective
+from helpers import tiny_run_config
 from test_frameworks import make_batch
 
 W, B = 2, 4  # processes, clips per process
@@ -212,27 +213,13 @@ def test_nothing_else_in_the_engine_calls_torch_distributed():
 # ----------------------------------------------------------------------------- whole runs under torchrun
 # 4 classes x 4 videos of 12 frames at 16x21 -> 12 training videos; global batch 4 = 2 clips on each of 2
 # processes -> 6 samples and 3 steps per epoch per process.
-SYNTH = dict(synthetic_classes=4, synthetic_videos_per_class=4, synthetic_frames=12, synthetic_height=16,
-             synthetic_width=21)
 LOSS_KEYS = ("clip_nce", "tc_nce", "sr_rank_view0", "sr_rank_view2", "sr_accuracy", "total", "lr", "grad_norm",
              "epoch")
 RUN_TIMEOUT = 240  # seconds: a hang fails the test instead of the CI job
 
 
 def run_config(root, **sections):
-    cfg = {
-        "name": "ddp",
-        "data": dict(dataset="synthetic", root=root, holdout=0, frames=4, stride=2, crop=16, size=16, long=21,
-                     batch_size=4, num_workers=0, **SYNTH),
-        "model": dict(backbone="tiny", framework="simclr", mode="clip-sr-tc"),
-        "loss": dict(queue_size=16),
-        "optim": dict(name="sgd", lr=0.05, schedule="multistep", milestones=[2]),
-        "train": dict(epochs=3, device="cpu", log_every=1, progress=False, tensorboard=False),
-        "checkpoint": dict(every_steps=4, keep=2),
-    }
-    for name, values in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **values}
-    return cfg
+    return tiny_run_config(root, name="ddp", **sections)
 
 
 def torchrun(tmp_path, cfg, run_dir, *extra, env=None, nproc=W):

@@ -21,21 +21,13 @@ from dualvar.engine.evaluate.retrieval import (PAPER_TABLE5, centre_and_normalis
                                                nearest_neighbours, protocol_matches_paper, recall_at_k,
                                                recall_at_k_reference)
 from dualvar.engine.models import build_backbone
+from helpers import one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 # tiny clips: 3 clips of 2 frames, 16 px crop of 16 x 20 frames
 CLIPS = dict(frames=2, stride=2, clips=3, size=16, long=20, crop=16)
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions are far faster on one thread than on contended ones (a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("evalsynth"))

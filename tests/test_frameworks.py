@@ -12,15 +12,7 @@ from dualvar.engine.data import augment, to_views
 from dualvar.engine.frameworks import Embeddings, MoCo, SimCLR, build_framework, make_views
 from dualvar.engine.models import build_backbone
 from dualvar.engine.objectives import MODES, DualVarLossConfig, build_objective
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and does not stall on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 
 def make_batch(B=4, T=8, H=16, W=16, seed=0):

@@ -20,17 +20,10 @@ from dualvar.engine.frameworks import Embeddings, build_framework, make_views
 from dualvar.engine.grad_cache import GradCache, chunk_bounds, concat_embeddings
 from dualvar.engine.models import build_backbone
 from dualvar.engine.objectives import DualVarLossConfig, build_objective
+from helpers import one_thread  # noqa: F401  (one_thread: an autouse fixture)
 from test_frameworks import make_batch
 
 N = 8  # clips in the batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class DropoutBackbone(nn.Module):

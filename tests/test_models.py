@@ -7,15 +7,7 @@ from torch import nn
 from torchvision.models import video as tvv
 
 from dualvar.engine.models import BACKBONES, ClipHead, SeriesHead, build_backbone, conv2plus1d_width
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and does not stall on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 
 def n_params(m: nn.Module) -> int:

@@ -19,22 +19,10 @@ from torch import nn
 from dualvar.engine.checkpoint import CheckpointManager, Counters, list_checkpoints, read_checkpoint
 from dualvar.engine.config import from_dict, load_config
 from dualvar.engine.trainer import KILL_ENV, NonFiniteLossError, Trainer, lr_factor
+from helpers import one_thread, tiny_run_config  # noqa: F401  (one_thread: an autouse fixture)
 
 LOSS_KEYS = ("clip_nce", "tc_nce", "sr_rank_view0", "sr_rank_view2", "sr_accuracy", "total", "lr", "grad_norm",
              "epoch")
-
-# 4 classes x 4 videos of 12 frames at 16x21 -> 12 training videos; batch 4 -> 3 steps per epoch
-SYNTH = dict(synthetic_classes=4, synthetic_videos_per_class=4, synthetic_frames=12, synthetic_height=16,
-             synthetic_width=21)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convolutions on a shared 2-core machine: one intra-op thread avoids OpenMP barrier waits (10x).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +31,7 @@ def synth_root(tmp_path_factory):
 
 
 def tiny_config(root: str, **sections) -> dict:
-    cfg = {
-        "name": "tiny",
-        "data": dict(dataset="synthetic", root=root, holdout=0, frames=4, stride=2, crop=16, size=16, long=21,
-                     batch_size=4, num_workers=0, **SYNTH),
-        "model": dict(backbone="tiny", framework="simclr", mode="clip-sr-tc"),
-        "loss": dict(queue_size=16),
-        "optim": dict(name="sgd", lr=0.05, schedule="multistep", milestones=[2]),
-        "train": dict(epochs=3, device="cpu", log_every=1, progress=False, tensorboard=False),
-        "checkpoint": dict(every_steps=4, keep=2),
-    }
-    for name, values in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **values}
-    return cfg
+    return tiny_run_config(root, **sections)
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -170,6 +146,9 @@ def test_run_dir_holds_config_metrics_events_checkpoints(tmp_path, synth_root):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [3]
     assert json.load(open(tmp_path / "summary.json"))["steps"] == 3 == summary["steps"]
+    results = json.load(open(tmp_path / "results.json"))  # the run's report, written at the end of fit
+    assert results["pretrain"]["summary"]["steps"] == 3 and (tmp_path / "report.md").stat().st_size > 0
+    assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------- export

@@ -378,6 +378,14 @@ class VideoLoader:
             self.sampler.advance(batch["index"].shape[0])
             yield batch
 
+    def close(self) -> None:
+        """Stop the worker processes now. A persistent iterator otherwise keeps them until garbage collection,
+        and a later loader's fork then trips over them."""
+        it = getattr(self.loader, "_iterator", None)
+        self.loader._iterator = None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
     def __len__(self) -> int:
         return len(self.loader)
 

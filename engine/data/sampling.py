@@ -63,13 +63,16 @@ def finetune_indices(L: int, rng: np.random.Generator, frames: int = 16, stride:
 def eval_indices(L: int, frames: int = 16, stride: int = 2, clips: int = 10) -> np.ndarray:
     """Temporal ten-clip test indices (docs/method.md §6.2), deterministic.
 
-    Centres linspace(lo, hi, clips) with lo = min(16, L), hi = max(lo, L - 16); start =
-    max(0, floor(centre - 16)); frames start + ds*k clamped to L - 1. Returns int64 (clips, frames).
+    Centres linspace(lo, hi, clips) with lo = min(T, L), hi = max(lo, L - T); start =
+    max(0, floor(centre - T)); frames start + ds*k clamped to L - 1, with T = `frames`. Returns int64
+    (clips, frames). The reference hard-codes 16 in place of T (its clips are 16 frames): the same numbers
+    for the paper's clips; for shorter clips the ten centres then spread over the whole video instead of
+    crowding its first 2·16 frames.
     """
     L = _check_length(L)
-    lo = min(16, L)
-    hi = max(lo, L - 16)
+    lo = min(frames, L)
+    hi = max(lo, L - frames)
     centres = np.linspace(lo, hi, clips)
-    starts = np.maximum(0, np.floor(centres - 16)).astype(np.int64)
+    starts = np.maximum(0, np.floor(centres - frames)).astype(np.int64)
     idx = starts[:, None] + stride * np.arange(frames, dtype=np.int64)[None, :]
     return np.minimum(idx, L - 1)

@@ -731,10 +731,7 @@ class FineTuner:
 
     def release_loader(self) -> None:
         """Stop the training loader's (persistent) worker processes, e.g. before the test's loader forks."""
-        it = getattr(self.loader.loader, "_iterator", None)
-        self.loader.loader._iterator = None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        self.loader.close()
 
     def _end_epoch(self) -> None:
         """Count the finished epoch, validate when due, and point the loader at the next epoch."""
