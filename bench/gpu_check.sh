@@ -78,6 +78,16 @@ if $PY -c "import decord" 2>/dev/null || $PY -c "import av" 2>/dev/null; then
 else
   echo "gpu_train: not run (neither decord nor av imports on this machine)" | tee -a "$OUT/status.txt"
 fi
+# Memory vs global batch (R(2+1)D-10, 16x112x112, bf16): the largest batch that fits one card with (a) plain
+# torch losses and (b) the fused ones, then (c) fused + gradient caching at 16,384 clips. Last: what is left
+# of the budget decides how much of it runs (each stage records its exit status).
+stage memory_ab 120 $PY bench/memory_vs_batch.py --device cuda --backbone r2plus1d_10 --frames 16 --crop 112 \
+  --precision bf16 --modes ab --search --start 64 --resolution 32 --max 8192 --repeat 1 \
+  --out "$OUT/memory_vs_batch_gpu.md" > "$OUT/memory_ab.txt" 2>&1
+stage memory_c 150 $PY bench/memory_vs_batch.py --device cuda --backbone r2plus1d_10 --frames 16 --crop 112 \
+  --precision bf16 --modes c --chunk 32 --batches 16384 --repeat 0 --timeout 140 \
+  --out "$OUT/memory_vs_batch_gpu.md" --append > "$OUT/memory_c.txt" 2>&1
+tail -20 "$OUT/memory_vs_batch_gpu.md" 2>/dev/null
 echo "total: $(( $(date +%s) - t0 )) s; results in $OUT; overall exit $rc"
 cat "$OUT/status.txt"
 exit $rc

@@ -70,6 +70,24 @@ void check_rowvec(const at::Tensor& v, int64_t n, const at::Tensor& like, const 
   TORCH_CHECK(v.device() == like.device(), op, ": ", name, " must be on ", like.device(), ", got ", v.device());
 }
 
+// The shared checks of contrastive_bwd (CPU and CUDA): q/k pair, temperature, and lse/grad per row of q.
+void check_bwd_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, const at::Tensor& grad,
+                      double temperature, const char* op) {
+  check_pair(q, k, op);
+  check_temperature(temperature, op);
+  check_rowvec(lse, q.size(0), q, "lse", op);
+  check_rowvec(grad, q.size(0), q, "grad", op);
+}
+
+// The shared checks of contrastive_bwd_sym (CPU and CUDA): z, temperature, and lse/grad per row of z.
+void check_bwd_sym_inputs(const at::Tensor& z, const at::Tensor& lse, const at::Tensor& grad, double temperature,
+                          const char* op) {
+  check_features(z, "z", op);
+  check_temperature(temperature, op);
+  check_rowvec(lse, z.size(0), z, "lse", op);
+  check_rowvec(grad, z.size(0), z, "grad", op);
+}
+
 // ------------------------------------------------------------------------------------ CPU
 int num_threads() {
 #ifdef _OPENMP
@@ -307,10 +325,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cpu(const at::Tensor& q_in, c
                                                        double temperature, c10::optional<int64_t> offset, bool need_q,
                                                        bool need_k) {
   const char* op = "contrastive_bwd";
-  check_pair(q_in, k_in, op);
-  check_temperature(temperature, op);
-  check_rowvec(lse, q_in.size(0), q_in, "lse", op);
-  check_rowvec(grad, q_in.size(0), q_in, "grad", op);
+  check_bwd_inputs(q_in, k_in, lse, grad, temperature, op);
   const bool same = q_in.is_same(k_in);
   auto q = compute_view(q_in);
   auto k = same ? q : compute_view(k_in);
@@ -324,10 +339,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cpu(const at::Tensor& q_in, c
 at::Tensor contrastive_bwd_sym_cpu(const at::Tensor& z_in, const at::Tensor& lse, const at::Tensor& grad,
                                    double temperature) {
   const char* op = "contrastive_bwd_sym";
-  check_features(z_in, "z", op);
-  check_temperature(temperature, op);
-  check_rowvec(lse, z_in.size(0), z_in, "lse", op);
-  check_rowvec(grad, z_in.size(0), z_in, "grad", op);
+  check_bwd_sym_inputs(z_in, lse, grad, temperature, op);
   auto z = compute_view(z_in);
   auto l = lse.to(z.scalar_type()).contiguous();
   auto g = grad.to(z.scalar_type()).contiguous();
@@ -388,10 +400,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(const at::Tensor& q_in, 
                                                         double temperature, c10::optional<int64_t> offset,
                                                         bool need_q, bool need_k) {
   const char* op = "contrastive_bwd";
-  check_pair(q_in, k_in, op);
-  check_temperature(temperature, op);
-  check_rowvec(lse_in, q_in.size(0), q_in, "lse", op);
-  check_rowvec(grad_in, q_in.size(0), q_in, "grad", op);
+  check_bwd_inputs(q_in, k_in, lse_in, grad_in, temperature, op);
   const auto dtype = cuda_dtype(q_in, "q", op);
   c10::cuda::CUDAGuard guard(q_in.device());
   auto q = rows_contiguous(q_in.detach()), k = rows_contiguous(k_in.detach());
@@ -408,10 +417,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_bwd_cuda(const at::Tensor& q_in, 
 at::Tensor contrastive_bwd_sym_cuda(const at::Tensor& z_in, const at::Tensor& lse_in, const at::Tensor& grad_in,
                                     double temperature) {
   const char* op = "contrastive_bwd_sym";
-  check_features(z_in, "z", op);
-  check_temperature(temperature, op);
-  check_rowvec(lse_in, z_in.size(0), z_in, "lse", op);
-  check_rowvec(grad_in, z_in.size(0), z_in, "grad", op);
+  check_bwd_sym_inputs(z_in, lse_in, grad_in, temperature, op);
   const auto dtype = cuda_dtype(z_in, "z", op);
   c10::cuda::CUDAGuard guard(z_in.device());
   auto z = rows_contiguous(z_in.detach());

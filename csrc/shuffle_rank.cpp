@@ -66,6 +66,22 @@ SrShape check_sr(const at::Tensor& a, const c10::optional<at::Tensor>& a2, const
   return {B, s, d};
 }
 
+// shuffle_rank_bwd's result: (d_anchor, d_anchor2, d_shuffled).
+using SrGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// check_sr plus the checks on shuffle_rank_bwd's grad (one value per anchor set, on anchor's device);
+// shared by the CPU and CUDA backward.
+SrShape check_sr_bwd(const at::Tensor& a, const c10::optional<at::Tensor>& a2, const at::Tensor& y,
+                     const at::Tensor& perm, const at::Tensor& grad, double inv_theta, double cap, const char* op) {
+  const auto sh = check_sr(a, a2, y, perm, inv_theta, cap, op);
+  const bool two = a2.has_value();
+  TORCH_CHECK(grad.dim() == 1 && grad.numel() == (two ? 2 : 1), op,
+              ": grad must be 1-D with one value per anchor set (", two ? 2 : 1, "), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == a.device(), op, ": grad must be on anchor's device ", a.device(), ", got ",
+              grad.device());
+  return sh;
+}
+
 // The kernels take (batch, row) strides and need unit stride along d only.
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -135,18 +151,12 @@ at::Tensor shuffle_rank_fwd_cpu(const at::Tensor& a_in, const c10::optional<at::
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_rank_bwd_cpu(const at::Tensor& a_in,
-                                                                    const c10::optional<at::Tensor>& a2_in,
-                                                                    const at::Tensor& y_in, const at::Tensor& perm_in,
-                                                                    const at::Tensor& grad, double inv_theta,
-                                                                    double cap, double gcoef0, double gcoef2) {
+SrGrads shuffle_rank_bwd_cpu(const at::Tensor& a_in, const c10::optional<at::Tensor>& a2_in, const at::Tensor& y_in,
+                             const at::Tensor& perm_in, const at::Tensor& grad, double inv_theta, double cap,
+                             double gcoef0, double gcoef2) {
   const char* op = "shuffle_rank_bwd";
-  const auto sh = check_sr(a_in, a2_in, y_in, perm_in, inv_theta, cap, op);
+  const auto sh = check_sr_bwd(a_in, a2_in, y_in, perm_in, grad, inv_theta, cap, op);
   const bool two = a2_in.has_value();
-  TORCH_CHECK(grad.dim() == 1 && grad.numel() == (two ? 2 : 1), op,
-              ": grad must be 1-D with one value per anchor set (", two ? 2 : 1, "), got ", grad.sizes());
-  TORCH_CHECK(grad.device() == a_in.device(), op, ": grad must be on anchor's device ", a_in.device(), ", got ",
-              grad.device());
   const auto ct = cpu_compute_type(a_in.scalar_type());
   auto a = unit_last(a_in.to(ct));
   auto y = unit_last(y_in.to(ct));
@@ -198,19 +208,13 @@ at::Tensor shuffle_rank_fwd_cuda(const at::Tensor& a_in, const c10::optional<at:
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_rank_bwd_cuda(const at::Tensor& a_in,
-                                                                     const c10::optional<at::Tensor>& a2_in,
-                                                                     const at::Tensor& y_in, const at::Tensor& perm_in,
-                                                                     const at::Tensor& grad_in, double inv_theta,
-                                                                     double cap, double gcoef0, double gcoef2) {
+SrGrads shuffle_rank_bwd_cuda(const at::Tensor& a_in, const c10::optional<at::Tensor>& a2_in, const at::Tensor& y_in,
+                              const at::Tensor& perm_in, const at::Tensor& grad_in, double inv_theta, double cap,
+                              double gcoef0, double gcoef2) {
   const char* op = "shuffle_rank_bwd";
-  const auto sh = check_sr(a_in, a2_in, y_in, perm_in, inv_theta, cap, op);
+  const auto sh = check_sr_bwd(a_in, a2_in, y_in, perm_in, grad_in, inv_theta, cap, op);
   const bool two = a2_in.has_value();
   const auto dtype = cuda_dtype(a_in.scalar_type(), op);
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.numel() == (two ? 2 : 1), op,
-              ": grad must be 1-D with one value per anchor set (", two ? 2 : 1, "), got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.device() == a_in.device(), op, ": grad must be on anchor's device ", a_in.device(), ", got ",
-              grad_in.device());
   c10::cuda::CUDAGuard guard(a_in.device());
   auto grad = grad_in.scalar_type() == at::kFloat ? grad_in : grad_in.to(at::kFloat);  // read with its stride
   auto a = unit_last(a_in);

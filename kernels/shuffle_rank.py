@@ -220,12 +220,19 @@ def _torch_scores(a, P, inv_theta, cp, neg):
     return X, x, 0.0 * S.diagonal(dim1=1, dim2=2).sum()
 
 
-def _torch_forward(anchor, anchor2, shuffled, perm, inv_theta, cap, coef0, coef2, acc_scale):
+def _torch_prologue(anchor, shuffled, perm):
+    """What the forward and backward both start from: (acc dtype, s, cp, neg, p, nu, big, inv, P), where
+    cp/neg come from _pairs, p/nu/big/inv from _torch_normalise and P = p in calibrated (perm) order."""
     acc = _acc_dtype(anchor)
     s = anchor.shape[1]
     cp, neg = _pairs(s, anchor.device)
-    p, _, _, inv = _torch_normalise(shuffled.to(acc), perm)
+    p, nu, big, inv = _torch_normalise(shuffled.to(acc), perm)
     P = p.gather(1, inv.unsqueeze(-1).expand_as(p))
+    return acc, s, cp, neg, p, nu, big, inv, P
+
+
+def _torch_forward(anchor, anchor2, shuffled, perm, inv_theta, cap, coef0, coef2, acc_scale):
+    acc, _, cp, neg, _, _, _, _, P = _torch_prologue(anchor, shuffled, perm)
     out = torch.zeros(4, dtype=acc, device=anchor.device)
     for k, (a, coef) in enumerate(((anchor, coef0), (anchor2, coef2))):
         if a is None:
@@ -237,11 +244,7 @@ def _torch_forward(anchor, anchor2, shuffled, perm, inv_theta, cap, coef0, coef2
 
 
 def _torch_backward(anchor, anchor2, shuffled, perm, grad, inv_theta, cap, gcoef0, gcoef2):
-    acc = _acc_dtype(anchor)
-    s = anchor.shape[1]
-    cp, neg = _pairs(s, anchor.device)
-    p, nu, big, inv = _torch_normalise(shuffled.to(acc), perm)
-    P = p.gather(1, inv.unsqueeze(-1).expand_as(p))
+    acc, s, cp, neg, p, nu, big, inv, P = _torch_prologue(anchor, shuffled, perm)
     grad = grad.to(acc)
     dP = torch.zeros_like(P)
     d_anchors = []

@@ -184,6 +184,18 @@ def _rank_bwd(Gaa, Sap, Spp, M, eye, valid, inv_theta, cap, gscale):
 
 
 @triton.jit
+def _block_setup(s, SP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-program index set-up shared by both kernels: rows (SP,), cols0 (BLOCK_D,), row_ok (rows < s),
+    eye and valid (SP, SP) masks."""
+    rows = tl.arange(0, SP)
+    cols0 = tl.arange(0, BLOCK_D)
+    row_ok = rows < s
+    eye = rows[:, None] == rows[None, :]
+    valid = row_ok[:, None] & row_ok[None, :]
+    return rows, cols0, row_ok, eye, valid
+
+
+@triton.jit
 def _sample_setup(perm_ptr, b, s_pb, s_ps, rows, row_ok, valid):
     sig = tl.load(perm_ptr + b * s_pb + rows.to(tl.int64) * s_ps, mask=row_ok, other=-1)
     return (sig[None, :] == rows[:, None]) & valid
@@ -198,11 +210,7 @@ def _shuffle_rank_fwd_kernel(a_ptr, a2_ptr, y_ptr, perm_ptr, part_ptr,
     # One program = `per_prog` consecutive samples; part[k, pid] = its partial sum k of
     # (coef0 * terms(anchor), coef2 * terms(anchor2), acc_scale * correct(anchor), ... (anchor2)).
     pid = tl.program_id(0)
-    rows = tl.arange(0, SP)
-    cols0 = tl.arange(0, BLOCK_D)
-    row_ok = rows < s
-    eye = rows[:, None] == rows[None, :]
-    valid = row_ok[:, None] & row_ok[None, :]
+    rows, cols0, row_ok, eye, valid = _block_setup(s, SP, BLOCK_D)
     zero = tl.sum(tl.zeros((SP,), dtype=tl.float32), axis=0)
     loss0 = zero
     loss2 = zero
@@ -239,11 +247,7 @@ def _shuffle_rank_bwd_kernel(a_ptr, a2_ptr, y_ptr, perm_ptr, g_ptr, g_stride,
                              TWO: tl.constexpr, SP: tl.constexpr, BLOCK_D: tl.constexpr, EPS_: tl.constexpr):
     # Gradients are written to contiguous (B, s, d) buffers; one program = `per_prog` samples.
     pid = tl.program_id(0)
-    rows = tl.arange(0, SP)
-    cols0 = tl.arange(0, BLOCK_D)
-    row_ok = rows < s
-    eye = rows[:, None] == rows[None, :]
-    valid = row_ok[:, None] & row_ok[None, :]
+    rows, cols0, row_ok, eye, valid = _block_setup(s, SP, BLOCK_D)
     gs0 = tl.load(g_ptr).to(tl.float32) * gcoef0
     gs2 = gs0
     if TWO:
