@@ -16,7 +16,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
@@ -31,20 +31,20 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names it by its dotted path."""
 
 
-def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+def check(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key} must be {expected}, got {value!r}")
 
 
-def _positive(key: str, value, *, integer: bool = False, zero: bool = False) -> None:
+def check_positive(key: str, value, *, integer: bool = False, zero: bool = False) -> None:
     kind = "integer" if integer else "number"
     ok = (isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value))
-    _check(ok and (value >= 0 if zero else value > 0), key, f"a {'non-negative' if zero else 'positive'} {kind}",
+    check(ok and (value >= 0 if zero else value > 0), key, f"a {'non-negative' if zero else 'positive'} {kind}",
            value)
 
 
-def _choice(key: str, value, choices) -> None:
-    _check(value in choices, key, f"one of {', '.join(map(str, choices))}", value)
+def check_choice(key: str, value, choices) -> None:
+    check(value in choices, key, f"one of {', '.join(map(str, choices))}", value)
 
 
 @dataclass
@@ -82,19 +82,19 @@ class DataConfig:
     synthetic_width: int = 171
 
     def validate(self, p: str) -> None:
-        _choice(f"{p}.dataset", self.dataset, DATASETS)
+        check_choice(f"{p}.dataset", self.dataset, DATASETS)
         if self.dataset != "synthetic":
-            _check(bool(self.index), f"{p}.index", f"the path of a {self.dataset} index (dualvar data index)",
+            check(bool(self.index), f"{p}.index", f"the path of a {self.dataset} index (dualvar data index)",
                    self.index)
         for name in ("frames", "stride", "crop", "size", "long", "batch_size", "synthetic_classes",
                      "synthetic_videos_per_class", "synthetic_frames", "synthetic_height", "synthetic_width"):
-            _positive(f"{p}.{name}", getattr(self, name), integer=True)
+            check_positive(f"{p}.{name}", getattr(self, name), integer=True)
         for name in ("holdout", "num_workers", "holdout_seed"):
-            _positive(f"{p}.{name}", getattr(self, name), integer=True, zero=True)
-        _check(self.crop <= min(self.size, self.long), f"{p}.crop", f"at most min(size, long) = "
+            check_positive(f"{p}.{name}", getattr(self, name), integer=True, zero=True)
+        check(self.crop <= min(self.size, self.long), f"{p}.crop", f"at most min(size, long) = "
                f"{min(self.size, self.long)}", self.crop)
-        _choice(f"{p}.backend", self.backend, ("auto", "decord", "pyav"))
-        _choice(f"{p}.split", self.split, ("train", "test", "val"))
+        check_choice(f"{p}.backend", self.backend, ("auto", "decord", "pyav"))
+        check_choice(f"{p}.split", self.split, ("train", "test", "val"))
 
 
 @dataclass
@@ -127,15 +127,15 @@ class ModelConfig:
 
     def validate(self, p: str) -> None:
         from dualvar.engine.models import BACKBONES
-        _choice(f"{p}.backbone", self.backbone, BACKBONES)
-        _choice(f"{p}.framework", self.framework, FRAMEWORKS)
-        _choice(f"{p}.mode", self.mode, MODES)
+        check_choice(f"{p}.backbone", self.backbone, BACKBONES)
+        check_choice(f"{p}.framework", self.framework, FRAMEWORKS)
+        check_choice(f"{p}.mode", self.mode, MODES)
         for name in ("clip_dim", "n_series", "series_dim"):
-            _positive(f"{p}.{name}", getattr(self, name), integer=True)
-        _check(0 <= self.momentum < 1, f"{p}.momentum", "in [0, 1)", self.momentum)
-        _choice(f"{p}.channels_last", self.channels_last, ("auto", "always", "never"))
-        _choice(f"{p}.norm", self.norm, ("bn", "frozen_bn", "group"))
-        _choice(f"{p}.key_bn", self.key_bn, ("shuffle", "sync", "local"))
+            check_positive(f"{p}.{name}", getattr(self, name), integer=True)
+        check(0 <= self.momentum < 1, f"{p}.momentum", "in [0, 1)", self.momentum)
+        check_choice(f"{p}.channels_last", self.channels_last, ("auto", "always", "never"))
+        check_choice(f"{p}.norm", self.norm, ("bn", "frozen_bn", "group"))
+        check_choice(f"{p}.key_bn", self.key_bn, ("shuffle", "sync", "local"))
 
 
 @dataclass
@@ -158,14 +158,14 @@ class LossConfig:
 
     def validate(self, p: str) -> None:
         for name in ("tau", "tau_a", "theta"):
-            _positive(f"{p}.{name}", getattr(self, name))
+            check_positive(f"{p}.{name}", getattr(self, name))
         if self.cap is not None:
-            _check(not math.isnan(self.cap) and self.cap > 0, f"{p}.cap", "a positive number, inf or null",
+            check(not math.isnan(self.cap) and self.cap > 0, f"{p}.cap", "a positive number, inf or null",
                    self.cap)
-        _check(len(self.sr_weights) == 2 and all(isinstance(w, (int, float)) and w >= 0 for w in self.sr_weights),
+        check(len(self.sr_weights) == 2 and all(isinstance(w, (int, float)) and w >= 0 for w in self.sr_weights),
                f"{p}.sr_weights", "two non-negative numbers", self.sr_weights)
-        _positive(f"{p}.queue_size", self.queue_size, integer=True)
-        _choice(f"{p}.backend", self.backend, BACKENDS)
+        check_positive(f"{p}.queue_size", self.queue_size, integer=True)
+        check_choice(f"{p}.backend", self.backend, BACKENDS)
 
 
 @dataclass
@@ -191,20 +191,20 @@ class OptimConfig:
     clip_grad_norm: float = 0.0
 
     def validate(self, p: str) -> None:
-        _choice(f"{p}.name", self.name, ("sgd", "adamw"))
-        _positive(f"{p}.lr", self.lr)
-        _check(0 <= self.momentum < 1, f"{p}.momentum", "in [0, 1)", self.momentum)
-        _positive(f"{p}.weight_decay", self.weight_decay, zero=True)
-        _check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+        check_choice(f"{p}.name", self.name, ("sgd", "adamw"))
+        check_positive(f"{p}.lr", self.lr)
+        check(0 <= self.momentum < 1, f"{p}.momentum", "in [0, 1)", self.momentum)
+        check_positive(f"{p}.weight_decay", self.weight_decay, zero=True)
+        check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
                f"{p}.betas", "two numbers in [0, 1)", self.betas)
-        _choice(f"{p}.schedule", self.schedule, ("multistep", "cosine", "constant"))
-        _check(all(isinstance(m, (int, float)) and m > 0 for m in self.milestones)
+        check_choice(f"{p}.schedule", self.schedule, ("multistep", "cosine", "constant"))
+        check(all(isinstance(m, (int, float)) and m > 0 for m in self.milestones)
                and list(self.milestones) == sorted(self.milestones), f"{p}.milestones",
                "increasing positive epochs", self.milestones)
-        _check(0 < self.gamma <= 1, f"{p}.gamma", "in (0, 1]", self.gamma)
-        _positive(f"{p}.warmup_epochs", self.warmup_epochs, zero=True)
-        _check(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
-        _positive(f"{p}.clip_grad_norm", self.clip_grad_norm, zero=True)
+        check(0 < self.gamma <= 1, f"{p}.gamma", "in (0, 1]", self.gamma)
+        check_positive(f"{p}.warmup_epochs", self.warmup_epochs, zero=True)
+        check(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        check_positive(f"{p}.clip_grad_norm", self.clip_grad_norm, zero=True)
 
 
 @dataclass
@@ -235,20 +235,20 @@ class TrainConfig:
     sync_bn: bool = False
 
     def validate(self, p: str) -> None:
-        _positive(f"{p}.epochs", self.epochs, integer=True)
-        _positive(f"{p}.cpu_threads", self.cpu_threads, integer=True, zero=True)
-        _positive(f"{p}.max_steps", self.max_steps, integer=True, zero=True)
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"{p}.device",
+        check_positive(f"{p}.epochs", self.epochs, integer=True)
+        check_positive(f"{p}.cpu_threads", self.cpu_threads, integer=True, zero=True)
+        check_positive(f"{p}.max_steps", self.max_steps, integer=True, zero=True)
+        check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"{p}.device",
                "auto, cpu, cuda or cuda:N", self.device)
-        _choice(f"{p}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        _positive(f"{p}.seed", self.seed, integer=True, zero=True)
-        _positive(f"{p}.log_every", self.log_every, integer=True)
-        _positive(f"{p}.max_nonfinite", self.max_nonfinite, integer=True)
-        _check(self.grad_cache_chunk == "auto" or (isinstance(self.grad_cache_chunk, int)
+        check_choice(f"{p}.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        check_positive(f"{p}.seed", self.seed, integer=True, zero=True)
+        check_positive(f"{p}.log_every", self.log_every, integer=True)
+        check_positive(f"{p}.max_nonfinite", self.max_nonfinite, integer=True)
+        check(self.grad_cache_chunk == "auto" or (isinstance(self.grad_cache_chunk, int)
                                                    and not isinstance(self.grad_cache_chunk, bool)
                                                    and self.grad_cache_chunk >= 0),
                f"{p}.grad_cache_chunk", "0 (off), a positive number of clips or auto", self.grad_cache_chunk)
-        _check(isinstance(self.memory_margin, (int, float)) and 0 <= self.memory_margin < 1, f"{p}.memory_margin",
+        check(isinstance(self.memory_margin, (int, float)) and 0 <= self.memory_margin < 1, f"{p}.memory_margin",
                "a fraction in [0, 1)", self.memory_margin)
 
 
@@ -261,9 +261,9 @@ class CheckpointConfig:
     resume: str = "none"
 
     def validate(self, p: str) -> None:
-        _positive(f"{p}.every_steps", self.every_steps, integer=True, zero=True)
-        _positive(f"{p}.keep", self.keep, integer=True)
-        _check(bool(self.resume), f"{p}.resume", "none, auto or a checkpoint path", self.resume)
+        check_positive(f"{p}.every_steps", self.every_steps, integer=True, zero=True)
+        check_positive(f"{p}.keep", self.keep, integer=True)
+        check(bool(self.resume), f"{p}.resume", "none, auto or a checkpoint path", self.resume)
 
 
 @dataclass
@@ -272,7 +272,7 @@ class EvalConfig:
     every_epochs: int = 0
 
     def validate(self, p: str) -> None:
-        _positive(f"{p}.every_epochs", self.every_epochs, integer=True, zero=True)
+        check_positive(f"{p}.every_epochs", self.every_epochs, integer=True, zero=True)
 
 
 @dataclass
@@ -288,23 +288,33 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
-        for f in dataclasses.fields(self):
-            if dataclasses.is_dataclass(getattr(self, f.name)):
-                getattr(self, f.name).validate(f.name)
+        validate_sections(self)
         if self.model.framework == "moco":
-            _check(self.loss.queue_size % self.data.batch_size == 0, "loss.queue_size",
+            check(self.loss.queue_size % self.data.batch_size == 0, "loss.queue_size",
                    f"a multiple of data.batch_size ({self.data.batch_size}) for MoCo", self.loss.queue_size)
         if self.model.mode != "baseline":
-            _check(self.data.frames % self.model.n_series == 0, "data.frames",
+            check(self.data.frames % self.model.n_series == 0, "data.frames",
                    f"divisible by model.n_series ({self.model.n_series})", self.data.frames)
         return self
 
     def to_dict(self) -> dict:
         """Plain nested dict (tuples as lists): what YAML and checkpoints store."""
-        def plain(v):
-            return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-        return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else plain(v))
-                for k, v in dataclasses.asdict(self).items()}
+        return sections_to_dict(self)
+
+
+def validate_sections(cfg) -> None:
+    """Validate each dataclass section of a root config (`section.validate(its name)`)."""
+    for f in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            getattr(cfg, f.name).validate(f.name)
+
+
+def sections_to_dict(cfg) -> dict:
+    """A root config of sections as a plain nested dict (tuples as lists): what YAML and checkpoints store."""
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+    return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else plain(v))
+            for k, v in dataclasses.asdict(cfg).items()}
 
 
 # ----------------------------------------------------------------------------- building from dicts
@@ -325,10 +335,10 @@ def _coerce(key: str, value: Any, annotation) -> Any:
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"{key} must be one of {' or '.join(a.__name__ for a in args)}, got {value!r}")
     if tp is bool:
-        _check(isinstance(value, bool), key, "true or false", value)
+        check(isinstance(value, bool), key, "true or false", value)
         return value
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        check(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
         return value
     if tp is float:
         if isinstance(value, str):  # YAML reads "1e-4" (no dot) and ".inf" spellings as strings sometimes
@@ -336,18 +346,18 @@ def _coerce(key: str, value: Any, annotation) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
         return float(value)
     if tp is str:
-        _check(isinstance(value, str), key, "a string", value)
+        check(isinstance(value, str), key, "a string", value)
         return value
     if tp is tuple:
-        _check(isinstance(value, (list, tuple)), key, "a list", value)
+        check(isinstance(value, (list, tuple)), key, "a list", value)
         return tuple(value)
     raise TypeError(f"unsupported config field type {tp!r} of {key}")
 
 
-def _build(cls, values: dict, prefix: str):
+def build_section(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -361,27 +371,32 @@ def _build(cls, values: dict, prefix: str):
     for name, v in values.items():
         path = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
-        kwargs[name] = _build(tp, v, path) if dataclasses.is_dataclass(tp) else _coerce(path, v, tp)
+        kwargs[name] = build_section(tp, v, path) if dataclasses.is_dataclass(tp) else _coerce(path, v, tp)
     return cls(**kwargs)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_values(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_values(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def preset_names() -> list[str]:
-    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
+def preset_names(preset_dir: str = PRESET_DIR) -> list[str]:
+    """The preset names (YAML files) in `preset_dir`; none when it does not exist."""
+    if not os.path.isdir(preset_dir):
+        return []
+    return sorted(f[:-5] for f in os.listdir(preset_dir) if f.endswith(".yaml"))
 
 
-def _read_yaml(name_or_path: str, seen: tuple = ()) -> dict:
+def read_yaml(name_or_path: str, preset_dir: str = PRESET_DIR, what: str = "config", seen: tuple = ()) -> dict:
+    """The values of a preset name (a YAML file in `preset_dir`) or a YAML path, with its `base:` chain merged
+    in; `what` names the kind of config in the error for a missing one."""
     path = name_or_path if os.path.sep in name_or_path or name_or_path.endswith((".yaml", ".yml")) \
-        else os.path.join(PRESET_DIR, name_or_path + ".yaml")
+        else os.path.join(preset_dir, name_or_path + ".yaml")
     if not os.path.isfile(path):
-        raise ConfigError(f"no config {name_or_path!r}: not a file and not a preset (presets: "
-                          f"{', '.join(preset_names())})")
+        raise ConfigError(f"no {what} {name_or_path!r}: not a file and not a preset (presets: "
+                          f"{', '.join(preset_names(preset_dir))})")
     if path in seen:
         raise ConfigError(f"config {path} names itself as a base (through {' -> '.join(seen)})")
     with open(path) as f:
@@ -390,7 +405,7 @@ def _read_yaml(name_or_path: str, seen: tuple = ()) -> dict:
         raise ConfigError(f"config {path} must be a YAML mapping")
     base = values.pop("base", None)
     if base is not None:
-        values = _merge(_read_yaml(str(base), seen + (path,)), values)
+        values = merge_values(read_yaml(str(base), preset_dir, what, seen + (path,)), values)
     return values
 
 
@@ -410,7 +425,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    out = _merge({}, values)
+    out = merge_values({}, values)
     for text in overrides:
         keys, value = parse_override(text)
         node = out
@@ -424,12 +439,20 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 
 def from_dict(values: dict) -> Config:
     """A validated Config from a (partial) nested dict; missing keys take their defaults."""
-    return _build(Config, values, "").validate()
+    return build_section(Config, values, "").validate()
 
 
 def load_config(name_or_path: str, overrides: Optional[list[str]] = None) -> Config:
     """Preset name (see `preset_names()`) or YAML path, then dotted overrides; validated."""
-    return from_dict(apply_overrides(_read_yaml(name_or_path), list(overrides or [])))
+    return load_sections(Config, name_or_path, overrides)
+
+
+def load_sections(cls, name_or_path: str, overrides: Optional[Sequence[str]] = None, preset_dir: str = PRESET_DIR,
+                  what: str = "config"):
+    """A validated root config of dataclass `cls` from a preset name (in `preset_dir`) or YAML path, then
+    dotted overrides; `what` names the kind of config in the error for a missing one."""
+    values = apply_overrides(read_yaml(name_or_path, preset_dir, what), list(overrides or []))
+    return build_section(cls, values, "").validate()
 
 
 def config_changes(old: Config, new: Config, ignore=("checkpoint.resume",)) -> list[str]:

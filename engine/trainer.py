@@ -179,6 +179,43 @@ def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtyp
 
 
 # ----------------------------------------------------------------------------- trainer
+def count_nonfinite(owner, metrics: dict, detail, stopped: str) -> Optional[str]:
+    """One training step's non-finite bookkeeping, shared by the pretraining and fine-tuning loops. `owner`
+    has nonfinite_run, counters, cfg.train.max_nonfinite and _message. A step without "nonfinite" in its
+    metrics resets the run; one with it is counted and said ("step N: non-finite PART (detail(metrics));
+    optimizer step skipped ..."). Returns the stop message once max_nonfinite are in a row ("stopping at
+    step N: " + stopped.format(part=PART) + " for LIMIT consecutive steps (train.max_nonfinite)")."""
+    if "nonfinite" not in metrics:
+        owner.nonfinite_run = 0
+        return None
+    owner.nonfinite_run += 1
+    owner.counters.nonfinite_steps += 1
+    step, limit, part = owner.counters.step, owner.cfg.train.max_nonfinite, metrics["nonfinite"]
+    owner._message(f"step {step}: non-finite {part} ({detail(metrics)}); optimizer step skipped "
+                   f"({owner.nonfinite_run} in a row, the limit is {limit})")
+    if owner.nonfinite_run >= limit:
+        return (f"stopping at step {step}: {stopped.format(part=part)} for {limit} consecutive steps "
+                "(train.max_nonfinite)")
+    return None
+
+
+def log_due(step: int, metrics: dict, log_every: int, total_steps: int) -> bool:
+    """Whether a step's metrics are logged: every log_every steps, a non-finite step and the last step."""
+    return step % log_every == 0 or "nonfinite" in metrics or step == total_steps
+
+
+def checkpoint_due(step: int, every: int, total_steps: int) -> bool:
+    """Whether a checkpoint is written after a step: every `every` steps (0: never) and after the last."""
+    return bool(every and step % every == 0) or step == total_steps
+
+
+def step_rates(t0: float, t1: float, t2: float, clips: int, device: torch.device) -> dict:
+    """The timing metrics of a step that waited for data from t0 to t1 and computed from t1 to t2 on
+    `clips` clips (over all processes): data_s, step_s, clips_per_s, peak_mem_mb."""
+    return dict(data_s=t1 - t0, step_s=t2 - t1, clips_per_s=clips / max(t2 - t0, 1e-9),
+                peak_mem_mb=peak_memory_bytes(device) / 2**20)
+
+
 class Trainer:
     """Builds every component from a validated Config and runs the loop.
 
@@ -433,20 +470,9 @@ class Trainer:
 
     def _count_nonfinite(self, metrics: dict) -> Optional[str]:
         """Count a skipped step and say so; returns the stop message once max_nonfinite are in a row."""
-        if "nonfinite" not in metrics:
-            self.nonfinite_run = 0
-            return None
-        self.nonfinite_run += 1
-        self.counters.nonfinite_steps += 1
-        step, limit = self.counters.step, self.cfg.train.max_nonfinite
-        self._message(f"step {step}: non-finite {metrics['nonfinite']} (loss parts: "
-                      + ", ".join(f"{k} {metrics[k]:.4g}" for k in ("clip_nce", "tc_nce", "sr_rank_view0",
-                                                                  "sr_rank_view2") if k in metrics)
-                      + f"); optimizer step skipped ({self.nonfinite_run} in a row, the limit is {limit})")
-        if self.nonfinite_run >= limit:
-            return (f"stopping at step {step}: {metrics['nonfinite']} non-finite for {limit} consecutive steps "
-                    "(train.max_nonfinite)")
-        return None
+        return count_nonfinite(self, metrics, lambda m: "loss parts: " + ", ".join(
+            f"{k} {m[k]:.4g}" for k in ("clip_nce", "tc_nce", "sr_rank_view0", "sr_rank_view2") if k in m),
+            "{part} non-finite")
 
     def fit(self) -> dict:
         """Train to the end (or resume and finish); returns the summary (also in RUN_DIR/summary.json)."""
@@ -482,18 +508,16 @@ class Trainer:
                     step, steps_done = self.counters.step, steps_done + 1
                     data_time, step_time = data_time + (t1 - t0), step_time + (t2 - t1)
                     stop = self._count_nonfinite(metrics)
-                    if step % cfg.train.log_every == 0 or "nonfinite" in metrics or step == self.total_steps:
+                    if log_due(step, metrics, cfg.train.log_every, self.total_steps):
                         fails = self.loader.failures()
-                        metrics.update(data_s=t1 - t0, step_s=t2 - t1,
-                                       clips_per_s=VIEWS_PER_SAMPLE * batch["video"].shape[0] * self.world_size
-                                       / max(t2 - t0, 1e-9),
-                                       peak_mem_mb=peak_memory_bytes(self.device) / 2**20,
+                        metrics.update(step_rates(t0, t1, t2, VIEWS_PER_SAMPLE * batch["video"].shape[0]
+                                                  * self.world_size, self.device),
                                        skipped_videos=sum(v for k, v in fails.items() if k != "attempts"))
                         self.logger.log(step, metrics)
                     self.logger.advance()
                     if stop:
                         raise NonFiniteLossError(stop)
-                    if (every and step % every == 0) or step == self.total_steps:
+                    if checkpoint_due(step, every, self.total_steps):
                         self.checkpoints.save(step)
                         D.barrier()  # no rank runs ahead of a checkpoint rank 0 is still writing
                     if kill_at and step == kill_at:

@@ -27,7 +27,6 @@ trainer's (engine/checkpoint.py, engine/metrics.py). Presets: engine/configs/fin
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -42,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import (CheckpointConfig, ConfigError, OptimConfig, TrainConfig, _build, _check, _choice, _merge,
-                      _positive, apply_overrides)
+from ..config import (CheckpointConfig, ConfigError, OptimConfig, TrainConfig, build_section, check, check_choice,
+                      check_positive, load_sections, preset_names, sections_to_dict, validate_sections)
 
 FINETUNE_PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                    "finetune")
@@ -97,21 +96,21 @@ class FinetuneDataConfig:
     synthetic_width: int = 171
 
     def validate(self, p: str) -> None:
-        _choice(f"{p}.dataset", self.dataset, DATASETS)
+        check_choice(f"{p}.dataset", self.dataset, DATASETS)
         if self.dataset != "synthetic":
-            _check(bool(self.index), f"{p}.index", f"the path of a {self.dataset} index (dualvar data index)",
+            check(bool(self.index), f"{p}.index", f"the path of a {self.dataset} index (dualvar data index)",
                    self.index)
-        _positive(f"{p}.split", self.split, integer=True)
+        check_positive(f"{p}.split", self.split, integer=True)
         if self.dataset in ("ucf101", "hmdb51"):
-            _check(self.split in (1, 2, 3), f"{p}.split", "1, 2 or 3", self.split)
+            check(self.split in (1, 2, 3), f"{p}.split", "1, 2 or 3", self.split)
         for name in ("frames", "stride", "crop", "size", "long", "batch_size", "synthetic_classes",
                      "synthetic_videos_per_class", "synthetic_frames", "synthetic_height", "synthetic_width"):
-            _positive(f"{p}.{name}", getattr(self, name), integer=True)
+            check_positive(f"{p}.{name}", getattr(self, name), integer=True)
         for name in ("holdout", "holdout_seed", "num_workers"):
-            _positive(f"{p}.{name}", getattr(self, name), integer=True, zero=True)
+            check_positive(f"{p}.{name}", getattr(self, name), integer=True, zero=True)
         short = min(self.size, self.long)
-        _check(self.crop <= short, f"{p}.crop", f"at most min(size, long) = {short}", self.crop)
-        _choice(f"{p}.backend", self.backend, ("auto", "decord", "pyav"))
+        check(self.crop <= short, f"{p}.crop", f"at most min(size, long) = {short}", self.crop)
+        check_choice(f"{p}.backend", self.backend, ("auto", "decord", "pyav"))
 
     def index_path(self) -> str:
         return self.index.replace("{split}", str(self.split))
@@ -129,14 +128,14 @@ class FinetuneModelConfig:
     channels_last: str = "auto"
 
     def validate(self, p: str) -> None:
-        _check(bool(self.checkpoint), f"{p}.checkpoint", "a pretraining run directory, an exported .safetensors "
+        check(bool(self.checkpoint), f"{p}.checkpoint", "a pretraining run directory, an exported .safetensors "
                "file or random:BACKBONE[:SEED] (--checkpoint)", self.checkpoint)
         if self.backbone:
             from ..models import BACKBONES
-            _choice(f"{p}.backbone", self.backbone, BACKBONES)
-        _positive(f"{p}.num_classes", self.num_classes, integer=True, zero=True)
-        _positive(f"{p}.init_std", self.init_std)
-        _choice(f"{p}.channels_last", self.channels_last, ("auto", "on", "off"))
+            check_choice(f"{p}.backbone", self.backbone, BACKBONES)
+        check_positive(f"{p}.num_classes", self.num_classes, integer=True, zero=True)
+        check_positive(f"{p}.init_std", self.init_std)
+        check_choice(f"{p}.channels_last", self.channels_last, ("auto", "on", "off"))
 
 
 @dataclass
@@ -167,9 +166,9 @@ class FinetuneTestConfig:
 
     def validate(self, p: str) -> None:
         for name in ("clips", "stride", "batch_size"):
-            _positive(f"{p}.{name}", getattr(self, name), integer=True)
+            check_positive(f"{p}.{name}", getattr(self, name), integer=True)
         for name in ("num_workers", "val_every_epochs"):
-            _positive(f"{p}.{name}", getattr(self, name), integer=True, zero=True)
+            check_positive(f"{p}.{name}", getattr(self, name), integer=True, zero=True)
 
 
 @dataclass
@@ -184,51 +183,25 @@ class FinetuneConfig:
     test: FinetuneTestConfig = field(default_factory=FinetuneTestConfig)
 
     def validate(self) -> "FinetuneConfig":
-        for f in dataclasses.fields(self):
-            if dataclasses.is_dataclass(getattr(self, f.name)):
-                getattr(self, f.name).validate(f.name)
+        validate_sections(self)
         return self
 
     def to_dict(self) -> dict:
-        def plain(v):
-            return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-        return {k: ({kk: plain(vv) for kk, vv in v.items()} if isinstance(v, dict) else plain(v))
-                for k, v in dataclasses.asdict(self).items()}
+        return sections_to_dict(self)
 
 
 def finetune_preset_names() -> list[str]:
-    if not os.path.isdir(FINETUNE_PRESET_DIR):
-        return []
-    return sorted(f[:-5] for f in os.listdir(FINETUNE_PRESET_DIR) if f.endswith(".yaml"))
-
-
-def _read_yaml(name_or_path: str, seen: tuple = ()) -> dict:
-    import yaml
-    path = name_or_path if os.path.sep in name_or_path or name_or_path.endswith((".yaml", ".yml")) \
-        else os.path.join(FINETUNE_PRESET_DIR, name_or_path + ".yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"no fine-tuning config {name_or_path!r}: not a file and not a preset (presets: "
-                          f"{', '.join(finetune_preset_names())})")
-    if path in seen:
-        raise ConfigError(f"config {path} names itself as a base (through {' -> '.join(seen)})")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"config {path} must be a YAML mapping")
-    base = values.pop("base", None)
-    if base is not None:
-        values = _merge(_read_yaml(str(base), seen + (path,)), values)
-    return values
+    return preset_names(FINETUNE_PRESET_DIR)
 
 
 def finetune_config_from_dict(values: dict) -> FinetuneConfig:
-    return _build(FinetuneConfig, values, "").validate()
+    return build_section(FinetuneConfig, values, "").validate()
 
 
 def load_finetune_config(name_or_path: str, overrides: Optional[Sequence[str]] = None) -> FinetuneConfig:
     """A preset name (engine/configs/finetune/NAME.yaml, `base:` names another) or a YAML path, then dotted
     overrides ("optim.lr=0.01"); validated (ConfigError names a bad key by its dotted path)."""
-    return finetune_config_from_dict(apply_overrides(_read_yaml(name_or_path), list(overrides or [])))
+    return load_sections(FinetuneConfig, name_or_path, overrides, FINETUNE_PRESET_DIR, "fine-tuning config")
 
 
 # ----------------------------------------------------------------------------- model
@@ -668,6 +641,7 @@ class FineTuner:
         """Train to the end (or resume and finish), then test (test.final_test); returns the "finetune"
         section (or the training summary when the test is off)."""
         from ..metrics import MetricsLogger, peak_memory_bytes
+        from ..trainer import NonFiniteLossError, checkpoint_due, log_due, step_rates
         cfg = self.cfg
         resumed = self.resume()
         if resumed is None:
@@ -691,19 +665,16 @@ class FineTuner:
                     t2 = time.perf_counter()
                     step, steps_done = self.counters.step, steps_done + 1
                     stop = self._count_nonfinite(metrics)
-                    if step % cfg.train.log_every == 0 or "nonfinite" in metrics or step == self.total_steps:
-                        metrics.update(data_s=t1 - t0, step_s=t2 - t1,
-                                       clips_per_s=batch["video"].shape[0] * self.world_size / max(t2 - t0, 1e-9),
-                                       peak_mem_mb=peak_memory_bytes(self.device) / 2**20)
+                    if log_due(step, metrics, cfg.train.log_every, self.total_steps):
+                        metrics.update(step_rates(t0, t1, t2, batch["video"].shape[0] * self.world_size, self.device))
                         self.logger.log(step, metrics)
                     self.logger.advance()
                     if stop:
-                        from ..trainer import NonFiniteLossError
                         raise NonFiniteLossError(stop)
                     epoch_done = step % self.steps_per_epoch == 0
                     if epoch_done:  # before the checkpoint: it resumes at the next epoch's first batch
                         self._end_epoch()
-                    if (every and step % every == 0) or step == self.total_steps:
+                    if checkpoint_due(step, every, self.total_steps):
                         self.checkpoints.save(step)
                     if step >= self.total_steps or epoch_done:
                         break
@@ -746,18 +717,8 @@ class FineTuner:
         self.loader.set_epoch(self.counters.epoch)
 
     def _count_nonfinite(self, metrics: dict) -> Optional[str]:
-        if "nonfinite" not in metrics:
-            self.nonfinite_run = 0
-            return None
-        self.nonfinite_run += 1
-        self.counters.nonfinite_steps += 1
-        limit = self.cfg.train.max_nonfinite
-        self._message(f"step {self.counters.step}: non-finite {metrics['nonfinite']} (loss {metrics['loss']:.4g}); "
-                      f"optimizer step skipped ({self.nonfinite_run} in a row, the limit is {limit})")
-        if self.nonfinite_run >= limit:
-            return (f"stopping at step {self.counters.step}: non-finite {metrics['nonfinite']} for {limit} "
-                    "consecutive steps (train.max_nonfinite)")
-        return None
+        from ..trainer import count_nonfinite
+        return count_nonfinite(self, metrics, lambda m: f"loss {m['loss']:.4g}", "non-finite {part}")
 
 
 # ----------------------------------------------------------------------------- paper row and report
