@@ -32,7 +32,8 @@ from ..data.dataset import to_views
 from ..data.reader import FAILURE_KINDS, VideoReadError, read_frames
 from ..data.sampling import eval_indices
 
-CACHE_VERSION = 1
+# 2: the ten-clip sampler's window is the clip length T (was the reference's fixed 16): older features differ
+CACHE_VERSION = 2
 RANDOM_PREFIX = "random:"
 
 
