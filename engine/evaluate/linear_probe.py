@@ -159,10 +159,5 @@ def evaluate_linear_probe(ev, out_dir: str, *, split: int = 1, weight_decay: flo
     }
     os.makedirs(out_dir, exist_ok=True)
     report.plot_confusion(result["confusion"], names, os.path.join(out_dir, report.PLOTS["confusion"]))
-    if test.valid.sum() >= 2:
-        from .retrieval import centre_and_normalise
-        feats = centre_and_normalise(test.features, test.valid, True)[test.valid]
-        report.plot_projection(feats, test.labels[test.valid], names, os.path.join(out_dir, report.PLOTS["projection"]))
-    report.update_results(out_dir, "linear_probe", section)
-    report.write_report(out_dir)
-    return section
+    from .retrieval import save_section
+    return save_section(out_dir, "linear_probe", section, test, names, centre=True)

@@ -266,9 +266,16 @@ def evaluate_retrieval(ev, out_dir: str, *, split: int = 1, ks: Sequence[int] = 
     ref = {f"{PAPER_TABLE5['method']}": PAPER_TABLE5["recall"]} if paper else None
     os.makedirs(out_dir, exist_ok=True)
     report.plot_recall_curves({label: res["curve"]}, os.path.join(out_dir, report.PLOTS["recall"]), reference=ref)
+    return save_section(out_dir, "retrieval", section, test, names, centre)
+
+
+def save_section(out_dir: str, name: str, section: dict, test, names, centre: bool) -> dict:
+    """Write an evaluation's section into out_dir's results.json, its 2-D projection of the test features
+    (when at least two have a feature) and the refreshed report.md; returns the section."""
+    from . import report
     if test.valid.sum() >= 2:
         feats = centre_and_normalise(test.features, test.valid, centre)[test.valid]
         report.plot_projection(feats, test.labels[test.valid], names, os.path.join(out_dir, report.PLOTS["projection"]))
-    report.update_results(out_dir, "retrieval", section)
+    report.update_results(out_dir, name, section)
     report.write_report(out_dir)
     return section
