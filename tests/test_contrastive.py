@@ -151,7 +151,7 @@ def test_info_nce_matches_reference(backend, with_queue, k_grad, B, D, Kq, gen):
 
 
 def test_temporal_coherent_loss_is_nt_xent_on_mean_series(gen):
-    """METHOD.md 3.2: the reference builds the (2B, 2N, s, s) tensor of all series similarities and
+    """docs/method.md §3.2: the reference builds the (2B, 2N, s, s) tensor of all series similarities and
     averages it; the fused path runs nt_xent_loss on the mean series vectors (not re-normalised)."""
     N, s, d, tau = 6, 3, 10, 0.07
     u = unit(2 * N, s, d, gen=gen).requires_grad_()  # view-major: rows v*N + i
